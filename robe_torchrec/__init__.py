@@ -1,0 +1,11 @@
+"""robe-torchrec: ROBE (Random Offset Block Embedding) arrays as a TorchRec plugin.
+
+One flat learned array stands in for all embedding tables; see docs/design.md.
+"""
+
+from robe_torchrec.config import RobeConfig
+from robe_torchrec.hashing import HASH_VERSION
+from robe_torchrec.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+
+__all__ = ["HASH_VERSION", "RobeConfig", "RobeEmbeddingBagCollection"]
+__version__ = "0.1.0"

@@ -1,0 +1,331 @@
+"""RobeEmbeddingBagCollection: a drop-in for torchrec's EmbeddingBagCollection backed by ROBE arrays.
+
+Same inputs and outputs as ``torchrec.EmbeddingBagCollection`` (EmbeddingBagConfig in,
+KeyedJaggedTensor -> KeyedTensor out, same keys, order and shapes), but every table reads its
+rows from one flat learned array (or one of several named arrays), so memory is a budget rather
+than a vocabulary. It subclasses ``EmbeddingBagCollectionInterface``, not
+``EmbeddingBagCollection``: DistributedModelParallel and the planner match the exact type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from robe_torchrec.config import RobeConfig
+from robe_torchrec.ops.layout import FeatureLayout
+from robe_torchrec.ops.reference import robe_pooled_lookup_reference
+
+DEFAULT_GROUP = "default"
+_EXTRA_STATE_KEY = "_extra_state"
+
+
+class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Pooled embeddings of many tables, read from ROBE arrays.
+
+    Args:
+        tables: torchrec table configs. ``num_embeddings`` only sizes ``from_compression`` and
+            the default init range: every int64 id is valid. ``pooling`` SUM or MEAN.
+        robe: one ``RobeConfig`` (one array, group ``"default"``, shared by all tables), or a
+            dict ``{group_name: RobeConfig}`` of named arrays.
+        table_to_group: with a dict ``robe``, the group of every table. Group membership is
+            part of the model, never derived from the world size.
+        is_weighted: pool with the KJT's per-id weights.
+        device: where the arrays live; ``"meta"`` builds without memory (DMP then calls
+            ``reset_parameters``).
+
+    Input contract: every configured feature must be a key of the KJT (missing ones raise);
+    extra keys are ignored, as torchrec's EmbeddingBagCollection ignores them. Ids may be any
+    int64 (negative too: the hash reads the id's 64-bit two's-complement form) or int32.
+    The array is ``arrays.<group>`` in the state dict.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        robe: Union[RobeConfig, Mapping[str, RobeConfig]],
+        table_to_group: Optional[Mapping[str, str]] = None,
+        is_weighted: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        torch._C._log_api_usage_once(f"robe_torchrec.{self.__class__.__name__}")
+        self._embedding_bag_configs = list(tables)
+        self._is_weighted = is_weighted
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._robe_configs, self._table_to_group = _resolve_groups(tables, robe, table_to_group)
+
+        self._embedding_names: List[str] = [
+            n for names in get_embedding_names_by_table(tables) for n in names
+        ]
+        self._lengths_per_embedding: List[int] = [
+            t.embedding_dim for t in tables for _ in t.feature_names
+        ]
+        self._layouts: Dict[str, FeatureLayout] = {}
+        # Canonical input order: group by group, tables in config order within a group.
+        self._input_features: List[str] = []
+        self._output_slots: List[int] = []  # where each canonical feature goes in the output
+        slot_of = _output_slots_by_table(tables)
+        for group, config in self._robe_configs.items():
+            members = [t for t in tables if self._table_to_group[t.name] == group]
+            feats = [(f, t) for t in members for f in t.feature_names]
+            self._layouts[group] = FeatureLayout(
+                feature_names=tuple(f for f, _ in feats),
+                table_names=tuple(t.name for _, t in feats),
+                dims=tuple(t.embedding_dim for _, t in feats),
+                mean=tuple(t.pooling == PoolingType.MEAN for _, t in feats),
+                block_size=config.block_size,
+                num_elements=config.num_elements,
+                seed=config.seed,
+            )
+            self._input_features.extend(f for f, _ in feats)
+            self._output_slots.extend(slot_of[(t.name, f)] for f, t in feats)
+        self._needs_output_permute = self._output_slots != sorted(self._output_slots)
+
+        self.arrays = nn.ParameterDict(
+            {
+                group: nn.Parameter(
+                    torch.empty(config.num_elements, dtype=torch.float32, device=self._device)
+                )
+                for group, config in self._robe_configs.items()
+            }
+        )
+        self._hash_keys: Dict[str, torch.Tensor] = {}
+        self._register_load_state_dict_pre_hook(self._check_layout_before_load, with_module=False)
+        self.reset_parameters()
+
+    # ----- torchrec interface -----------------------------------------------------------------
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def robe_configs(self) -> Dict[str, RobeConfig]:
+        """The arrays of this collection, by group name."""
+        return dict(self._robe_configs)
+
+    def table_to_group(self) -> Dict[str, str]:
+        """The array group of every table."""
+        return dict(self._table_to_group)
+
+    def feature_layouts(self) -> Dict[str, FeatureLayout]:
+        """Per group, the features it pools in kernel input order (used by kernels and sharding)."""
+        return dict(self._layouts)
+
+    def reset_parameters(self) -> None:
+        """Uniform(-r, r) init of every array (see RobeConfig.init_range); a no-op on meta."""
+        for group, param in self.arrays.items():
+            if param.device.type == "meta":
+                continue
+            members = [t for t in self._embedding_bag_configs if self._table_to_group[t.name] == group]
+            r = self._robe_configs[group].resolved_init_range(members)
+            with torch.no_grad():
+                param.uniform_(-r, r)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pool every configured feature of ``features``; output keys as torchrec's EBC."""
+        features = self._validated(features)
+        batch_size = features.stride()
+        values = features.values()
+        ids = values if values.dtype == torch.int64 else values.to(torch.int64)
+        offsets = features.offsets()
+        weights = features.weights_or_none() if self._is_weighted else None
+
+        outputs: List[torch.Tensor] = []
+        first_feature = 0
+        for group, layout in self._layouts.items():
+            f0, f1 = first_feature, first_feature + layout.num_features
+            first_feature = f1
+            bag0, bag1 = f0 * batch_size, f1 * batch_size
+            group_offsets = offsets[bag0 : bag1 + 1]
+            if len(self._layouts) > 1:
+                start = group_offsets[0]
+                lo, hi = int(start), int(group_offsets[-1])
+                group_ids, group_offsets = ids[lo:hi], group_offsets - start
+                group_weights = None if weights is None else weights[lo:hi]
+            else:
+                group_ids, group_weights = ids, weights
+            outputs.append(
+                robe_pooled_lookup_reference(
+                    self.arrays[group],
+                    group_ids,
+                    group_offsets,
+                    layout,
+                    self._keys_for(group),
+                    batch_size,
+                    group_weights,
+                )
+            )
+        pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        if self._needs_output_permute:
+            pooled = self._to_output_order(pooled)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._lengths_per_embedding,
+            values=pooled,
+        )
+
+    # ----- helpers --------------------------------------------------------------------------------
+
+    def _keys_for(self, group: str) -> torch.Tensor:
+        """Table keys of a group on the array's device, computed once (sha256 on the host)."""
+        device = self.arrays[group].device
+        cached = self._hash_keys.get(group)
+        if cached is None or cached.device != device:
+            cached = self._layouts[group].hash_keys(device)
+            self._hash_keys[group] = cached
+        return cached
+
+    def _to_output_order(self, pooled: torch.Tensor) -> torch.Tensor:
+        chunks = pooled.split([self._lengths_per_embedding[s] for s in self._output_slots], dim=1)
+        ordered: List[Optional[torch.Tensor]] = [None] * len(chunks)
+        for chunk, slot in zip(chunks, self._output_slots):
+            ordered[slot] = chunk
+        return torch.cat(ordered, dim=1)  # type: ignore[arg-type]
+
+    def _validated(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Check the KJT against the configs and bring it into canonical feature order."""
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(
+                f"{type(self).__name__} expects a KeyedJaggedTensor, got {type(features).__name__}"
+            )
+        keys = features.keys()
+        missing = [f for f in self._input_features if f not in keys]
+        if missing:
+            raise ValueError(
+                f"KeyedJaggedTensor is missing configured feature(s) {missing}; it has keys {keys}"
+            )
+        if features.variable_stride_per_key() or features.inverse_indices_or_none() is not None:
+            raise ValueError("variable batch size per feature (VBE) is not supported yet")
+        values = features.values()
+        if values.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"KeyedJaggedTensor ids must be int64 or int32, got {values.dtype}")
+        weights = features.weights_or_none()
+        if self._is_weighted and weights is None:
+            raise ValueError("this collection is weighted (is_weighted=True) but the KJT has no weights")
+        if not self._is_weighted and weights is not None:
+            raise ValueError(
+                "the KJT carries weights but this collection is unweighted; "
+                "build it with is_weighted=True to pool with them"
+            )
+        if weights is not None and (not weights.is_floating_point() or weights.numel() != values.numel()):
+            raise ValueError(
+                f"KJT weights must be floating point with one weight per id: got {weights.dtype} "
+                f"with {weights.numel()} weights for {values.numel()} ids"
+            )
+        lengths = features.lengths()
+        if lengths.numel() != len(keys) * features.stride():
+            raise ValueError(
+                f"KJT has {lengths.numel()} lengths for {len(keys)} keys x batch {features.stride()}"
+            )
+        bad = torch.stack([lengths.sum() != values.numel(), (lengths < 0).any()]).tolist()
+        if bad[0]:
+            raise ValueError(
+                f"KJT lengths sum to {int(lengths.sum())} but it has {values.numel()} ids"
+            )
+        if bad[1]:
+            raise ValueError("KJT has negative lengths")
+        if list(keys) != self._input_features:
+            features = features.permute([keys.index(f) for f in self._input_features])
+        return features
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The ROBE layout; a state dict is only meaningful under the same layout."""
+        return {"groups": {g: c.layout() for g, c in self._robe_configs.items()}}
+
+    def set_extra_state(self, state: Any) -> None:
+        # Checked (before any tensor is copied) in _check_layout_before_load.
+        pass
+
+    def _check_layout_before_load(
+        self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        saved = state_dict.get(prefix + _EXTRA_STATE_KEY)
+        if saved is None:
+            return  # strict loading reports the missing key itself
+        mine = self.get_extra_state()
+        if saved != mine:
+            raise ValueError(
+                "refusing to load a ROBE state dict made with a different layout "
+                "(the array would mean something else): "
+                f"checkpoint has {saved['groups'] if isinstance(saved, dict) else saved!r}, "
+                f"this module has {mine['groups']}"
+            )
+
+
+def _resolve_groups(
+    tables: Sequence[EmbeddingBagConfig],
+    robe: Union[RobeConfig, Mapping[str, RobeConfig]],
+    table_to_group: Optional[Mapping[str, str]],
+) -> "tuple[Dict[str, RobeConfig], Dict[str, str]]":
+    """Validate tables and groups; return ({group: config}, {table: group})."""
+    if not tables:
+        raise ValueError("RobeEmbeddingBagCollection needs at least one table")
+    names = [t.name for t in tables]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate table name(s) {dup}")
+    for t in tables:
+        if not t.feature_names:
+            t.feature_names = [t.name]  # torchrec's EBC does the same
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
+    if isinstance(robe, RobeConfig):
+        if table_to_group is not None and set(table_to_group.values()) - {DEFAULT_GROUP}:
+            raise ValueError("table_to_group needs robe={group_name: RobeConfig}, got one RobeConfig")
+        configs = {DEFAULT_GROUP: robe}
+        mapping = {t.name: DEFAULT_GROUP for t in tables}
+    else:
+        configs = dict(robe)
+        if not configs:
+            raise ValueError("robe must be a RobeConfig or a non-empty {group: RobeConfig} dict")
+        for g, c in configs.items():
+            if not isinstance(c, RobeConfig):
+                raise TypeError(f"robe[{g!r}] must be a RobeConfig, got {type(c).__name__}")
+        if table_to_group is None:
+            if len(configs) != 1:
+                raise ValueError("several ROBE groups need table_to_group={table_name: group_name}")
+            (only,) = configs
+            mapping = {t.name: only for t in tables}
+        else:
+            mapping = dict(table_to_group)
+            unknown = sorted(set(mapping) - set(names))
+            if unknown:
+                raise ValueError(f"table_to_group names unknown table(s) {unknown}")
+            unmapped = [n for n in names if n not in mapping]
+            if unmapped:
+                raise ValueError(f"table(s) {unmapped} have no group in table_to_group")
+            bad = {n: g for n, g in mapping.items() if g not in configs}
+            if bad:
+                raise ValueError(f"table_to_group maps to unknown group(s) {bad}; groups are {list(configs)}")
+        empty = [g for g in configs if g not in mapping.values()]
+        if empty:
+            raise ValueError(f"ROBE group(s) {empty} serve no table")
+    for group, config in configs.items():
+        config.validate_tables([t for t in tables if mapping[t.name] == group])
+    return configs, mapping
+
+
+def _output_slots_by_table(tables: Sequence[EmbeddingBagConfig]) -> Dict["tuple[str, str]", int]:
+    """(table, feature) -> position of its pooled embedding in torchrec's EBC output order."""
+    slots: Dict["tuple[str, str]", int] = {}
+    for t in tables:
+        for f in t.feature_names:
+            slots[(t.name, f)] = len(slots)
+    return slots

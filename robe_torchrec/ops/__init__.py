@@ -1,0 +1,1 @@
+"""ROBE lookup ops: reference (PyTorch), cpu (C++), triton."""

@@ -20,15 +20,19 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import KeyedOptimizer
+
 from robe_torchrec.config import RobeConfig
-from robe_torchrec.ops.layout import FeatureLayout
-from robe_torchrec.ops.reference import robe_pooled_lookup_reference
+from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
+from robe_torchrec.ops.lookup import KERNELS, robe_pooled_lookup
+from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig
 
 DEFAULT_GROUP = "default"
 _EXTRA_STATE_KEY = "_extra_state"
 
 
-class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
     """Pooled embeddings of many tables, read from ROBE arrays.
 
     Args:
@@ -41,6 +45,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: pool with the KJT's per-id weights.
         device: where the arrays live; ``"meta"`` builds without memory (DMP then calls
             ``reset_parameters``).
+        kernel: ``"auto"`` (triton on CUDA, C++ on CPU), ``"reference"``, ``"cpu"`` or
+            ``"triton"``; see ``robe_torchrec.ops.lookup``.
+        fused_optimizer: fuse this optimizer into backward (no gradient is left on the arrays;
+            ``module.fused_optimizer`` holds lr and state). ``None``: arrays get a dense
+            ``.grad`` for a plain torch optimizer / DDP (data-parallel training).
 
     Input contract: every configured feature must be a key of the KJT (missing ones raise);
     extra keys are ignored, as torchrec's EmbeddingBagCollection ignores them. Ids may be any
@@ -55,6 +64,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         table_to_group: Optional[Mapping[str, str]] = None,
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
+        kernel: str = "auto",
+        fused_optimizer: Optional[RobeFusedOptimizerConfig] = None,
     ) -> None:
         super().__init__()
         torch._C._log_api_usage_once(f"robe_torchrec.{self.__class__.__name__}")
@@ -62,6 +73,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._robe_configs, self._table_to_group = _resolve_groups(tables, robe, table_to_group)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self._kernel = kernel
 
         self._embedding_names: List[str] = [
             n for names in get_embedding_names_by_table(tables) for n in names
@@ -70,12 +84,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             t.embedding_dim for t in tables for _ in t.feature_names
         ]
         self._layouts: Dict[str, FeatureLayout] = {}
-        # Canonical input order: group by group, tables in config order within a group.
+        # Canonical input order: group by group, then dim by dim (fast kernels take one dim per
+        # call), tables in config order within.
         self._input_features: List[str] = []
         self._output_slots: List[int] = []  # where each canonical feature goes in the output
         slot_of = _output_slots_by_table(tables)
         for group, config in self._robe_configs.items():
             members = [t for t in tables if self._table_to_group[t.name] == group]
+            members = [t for d in distinct_dims([t.embedding_dim for t in members]) for t in members if t.embedding_dim == d]
             feats = [(f, t) for t in members for f in t.feature_names]
             self._layouts[group] = FeatureLayout(
                 feature_names=tuple(f for f, _ in feats),
@@ -99,6 +115,13 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             }
         )
         self._hash_keys: Dict[str, torch.Tensor] = {}
+        self._fused_optimizer: Optional[RobeFusedOptimizer] = None
+        if fused_optimizer is not None:
+            self._fused_optimizer = RobeFusedOptimizer(
+                self._named_arrays(),
+                {f"arrays.{g}": c.block_size for g, c in self._robe_configs.items()},
+                fused_optimizer,
+            )
         self._register_load_state_dict_pre_hook(self._check_layout_before_load, with_module=False)
         self.reset_parameters()
 
@@ -126,8 +149,34 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Per group, the features it pools in kernel input order (used by kernels and sharding)."""
         return dict(self._layouts)
 
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The optimizer fused into backward (torchrec's FusedOptimizerModule interface)."""
+        if self._fused_optimizer is None:
+            raise AttributeError("this RobeEmbeddingBagCollection has no fused optimizer")
+        return self._fused_optimizer
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    def _named_arrays(self) -> Dict[str, nn.Parameter]:
+        return {f"arrays.{g}": p for g, p in self.arrays.items()}
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RobeEmbeddingBagCollection":
+        """Move the fused optimizer's state along with the arrays (.to, .cuda, to_empty)."""
+        super()._apply(fn, *args, **kwargs)
+        if self._fused_optimizer is not None:
+            self._fused_optimizer.rebind(self._named_arrays(), move=fn)
+        if len(self.arrays):
+            self._device = next(iter(self.arrays.values())).device
+        return self
+
     def reset_parameters(self) -> None:
         """Uniform(-r, r) init of every array (see RobeConfig.init_range); a no-op on meta."""
+        if self._fused_optimizer is not None:
+            self._fused_optimizer.rebind(self._named_arrays())
+            self._fused_optimizer.reset_state()
         for group, param in self.arrays.items():
             if param.device.type == "meta":
                 continue
@@ -160,7 +209,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             else:
                 group_ids, group_weights = ids, weights
             outputs.append(
-                robe_pooled_lookup_reference(
+                robe_pooled_lookup(
                     self.arrays[group],
                     group_ids,
                     group_offsets,
@@ -168,6 +217,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     self._keys_for(group),
                     batch_size,
                     group_weights,
+                    kernel=self._kernel,
+                    fused_optimizer=self._fused_optimizer,
                 )
             )
         pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

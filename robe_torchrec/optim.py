@@ -1,0 +1,139 @@
+"""Optimizers fused into the ROBE lookup's backward (FBGEMM style): no dense gradient of the array.
+
+The update happens inside backward, so ``step()`` is a no-op, as for torchrec's own fused
+embedding optimizers; the object exists so that checkpoints see the optimizer state, so that
+``DistributedModelParallel.fused_optimizer`` / ``CombinedOptimizer`` can hold it, and so that LR
+schedulers can drive it: the kernel reads ``param_groups[0]["lr"]`` at every backward.
+
+Update rules (per step, gradient g summed over the batch first; chunk j = array elements
+[j*Z, min((j+1)*Z, m))):
+
+- ``sgd``:             M[e] -= lr * g[e]
+- ``adagrad``:         S[e] += g[e]^2;  M[e] -= lr * g[e] / (sqrt(S[e]) + eps)   (exact, per element)
+- ``rowwise_adagrad``: S[j] += mean over chunk j of g^2;  M[e] -= lr * g[e] / (sqrt(S[e // Z]) + eps)
+  (one state value per aligned Z-element chunk: FBGEMM's row-wise Adagrad with the array viewed
+  as a [m/Z, Z] table; Z times less state than exact Adagrad)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torchrec.optim.fused import FusedOptimizer
+
+FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+STATE_NAME = "momentum1"  # FBGEMM / torchrec name of the (row-wise) Adagrad accumulator
+
+
+@dataclass(frozen=True)
+class RobeFusedOptimizerConfig:
+    """Which optimizer to fuse into backward, and its hyper-parameters.
+
+    Never fuse the update of a data-parallel array: its gradient must be all-reduced first.
+    """
+
+    optimizer: str = "adagrad"
+    lr: float = 0.01
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"fused optimizer must be one of {FUSED_OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr >= 0:
+            raise ValueError(f"fused optimizer lr must be >= 0, got {self.lr}")
+        if not self.eps > 0:
+            raise ValueError(f"fused optimizer eps must be > 0, got {self.eps}")
+
+
+def state_numel(optimizer: str, num_elements: int, block_size: int) -> int:
+    """Elements of optimizer state for one array: 0 (sgd), m (adagrad), ceil(m/Z) (row-wise)."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adagrad":
+        return num_elements
+    return (num_elements + block_size - 1) // block_size
+
+
+class RobeFusedOptimizer(FusedOptimizer):
+    """Holds the fused optimizer's hyper-parameters and state for a module's ROBE arrays.
+
+    Args:
+        params: ``{state-dict key: array parameter}``.
+        block_sizes: ``{state-dict key: Z}`` of each array (sizes row-wise state).
+        config: optimizer kind, lr, eps.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        block_sizes: Mapping[str, int],
+        config: RobeFusedOptimizerConfig,
+    ) -> None:
+        self.config = config
+        self._block_sizes = dict(block_sizes)
+        state: Dict[Any, Any] = {}
+        for key, param in params.items():
+            n = state_numel(config.optimizer, param.numel(), self._block_sizes[key])
+            state[param] = {STATE_NAME: torch.zeros(n, dtype=torch.float32, device=param.device)}
+        groups: List[Dict[str, Any]] = [
+            {
+                "params": list(params.values()),
+                "lr": config.lr,
+                "eps": config.eps,
+                "optimizer": config.optimizer,
+            }
+        ]
+        super().__init__(dict(params), state, groups)
+        _mark_in_backward(params.values(), self)
+
+    def step(self, closure: Any = None) -> None:
+        """No-op: the update happened in backward."""
+        if closure is not None:
+            closure()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """No-op: fused arrays never hold a gradient."""
+
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])  # type: ignore[index]
+
+    @property
+    def eps(self) -> float:
+        return float(self.param_groups[0]["eps"])  # type: ignore[index]
+
+    def state_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The accumulator of one array (empty for SGD)."""
+        return self.state[param][STATE_NAME]
+
+    def rebind(self, params: Mapping[str, torch.nn.Parameter], move: Optional[Any] = None) -> None:
+        """Point at new parameter objects (after ``module.to_empty`` / ``_apply``), keeping state.
+
+        ``move`` maps an old state tensor to its new device/dtype (the module's ``_apply`` fn).
+        """
+        old = {key: self.state[p][STATE_NAME] for key, p in self.params.items()}
+        new_state: Dict[Any, Any] = {}
+        for key, param in params.items():
+            tensor = old[key] if move is None else move(old[key])
+            if tensor.device != param.device:
+                tensor = tensor.to(param.device)
+            new_state[param] = {STATE_NAME: tensor}
+        self.params = dict(params)
+        self.state = new_state
+        self.param_groups[0]["params"] = list(params.values())  # type: ignore[index]
+        _mark_in_backward(params.values(), self)
+
+    def reset_state(self) -> None:
+        """Zero every accumulator (a fresh model after ``reset_parameters``)."""
+        for key, param in self.params.items():
+            n = state_numel(self.config.optimizer, param.numel(), self._block_sizes[key])
+            self.state[param][STATE_NAME] = torch.zeros(n, dtype=torch.float32, device=param.device)
+
+
+def _mark_in_backward(params: Any, optimizer: "RobeFusedOptimizer") -> None:
+    """Tag arrays the way torch's _apply_optimizer_in_backward does, so that torchrec's
+    ``in_backward_optimizer_filter`` keeps them out of the dense optimizer."""
+    for p in params:
+        p._in_backward_optimizers = [optimizer]  # type: ignore[attr-defined]

@@ -191,7 +191,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         batch_size = features.stride()
         values = features.values()
         ids = values if values.dtype == torch.int64 else values.to(torch.int64)
-        offsets = features.offsets()
+        offsets = _offsets_of(features)
         weights = features.weights_or_none() if self._is_weighted else None
 
         outputs: List[torch.Tensor] = []
@@ -380,3 +380,15 @@ def _output_slots_by_table(tables: Sequence[EmbeddingBagConfig]) -> Dict["tuple[
         for f in t.feature_names:
             slots[(t.name, f)] = len(slots)
     return slots
+
+
+def _offsets_of(features: KeyedJaggedTensor) -> torch.Tensor:
+    """Bag offsets [F*B + 1] of a KJT, computed with plain torch ops when the KJT has only lengths
+    (torchrec would call an fbgemm op that the CPU build of fbgemm lacks for CUDA tensors)."""
+    offsets = features.offsets_or_none()
+    if offsets is not None:
+        return offsets
+    lengths = features.lengths()
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU validation in one call on a lent H100/H200 (no network there): install the carried wheels,
+# run the GPU-marked tests and the Triton kernel tests on CUDA, then the lookup benchmark on CUDA.
+# Writes logs under $OUT (or ./gpu_check_out) and prints a short summary last.
+#
+#   Here:  python3 -m pip download ... -d .whl torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.11.0 \
+#            pyvers==0.2.2 orjson importlib_metadata iopath      (see docs/gpu.md)
+#   There: bash launch/gpu_check.sh            (the device tool carries .whl)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/robe_site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="/tmp/robe_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"
+import torch, triton, torchrec, fbgemm_gpu, importlib.metadata as md
+print("torch", torch.__version__, "triton", triton.__version__, "torchrec", md.version("torchrec"),
+      "fbgemm", md.version("fbgemm-gpu-cpu") if "fbgemm-gpu-cpu" in {d.metadata["Name"] for d in md.distributions()} else "?",
+      "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+PY
+
+status=0
+timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_gpu_module.py tests/test_ops_triton.py tests/test_hashing.py 2>&1 | tee "$OUT/tests.log"
+test_rc=${PIPESTATUS[0]}
+[ "$test_rc" = 0 ] || status=1
+
+timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m robe_torchrec.bench.lookup --device cuda --batch 65536 \
+  --shapes ${GPU_BENCH_SHAPES:-a,b} --sides robe,torch --iters 10 --warmup 3 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+[ "$bench_rc" = 0 ] || status=1
+
+echo
+echo "== summary: tests rc=$test_rc, bench rc=$bench_rc =="
+tail -n 3 "$OUT/tests.log"
+grep -E "^\||^##" "$OUT/bench.log" || true
+exit $status

@@ -118,12 +118,19 @@ class RobeFusedOptimizer(FusedOptimizer):
         for key, param in params.items():
             tensor = old[key] if move is None else move(old[key])
             if tensor.device != param.device:
-                tensor = tensor.to(param.device)
+                # state that was never materialised (meta) starts at zero
+                tensor = torch.zeros_like(tensor, device=param.device) if tensor.is_meta else tensor.to(param.device)
             new_state[param] = {STATE_NAME: tensor}
         self.params = dict(params)
         self.state = new_state
         self.param_groups[0]["params"] = list(params.values())  # type: ignore[index]
         _mark_in_backward(params.values(), self)
+
+    def ensure_bound(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Re-point at ``params`` if they were replaced behind the module's back (DMP swaps
+        materialised meta parameters in place); state that was never real becomes zeros."""
+        if any(self.params.get(k) is not p for k, p in params.items()):
+            self.rebind(params)
 
     def reset_state(self) -> None:
         """Zero every accumulator (a fresh model after ``reset_parameters``)."""

@@ -123,3 +123,39 @@ def test_bad_optimizer_config():
         RobeFusedOptimizerConfig("adam")
     with pytest.raises(ValueError, match="kernel must be one of"):
         RobeEmbeddingBagCollection(TABLES, ROBE, kernel="cuda")
+
+
+def test_dmp_style_materialisation_initialises_arrays_and_state():
+    """DMP replaces meta parameters in the module that owns them and calls its reset_parameters."""
+    module = RobeEmbeddingBagCollection(TABLES, ROBE, device="meta", fused_optimizer=RobeFusedOptimizerConfig("adagrad", lr=0.1))
+
+    def init_parameters(m: torch.nn.Module) -> None:  # the logic of DistributedModelParallel.init_parameters
+        has_meta = False
+        for name, p in m._parameters.items():
+            if isinstance(p, torch.Tensor) and p.is_meta:
+                m._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"))
+                has_meta = True
+        if has_meta and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+    module.apply(init_parameters)
+    array = module.arrays["default"]
+    r = ROBE.resolved_init_range(TABLES)
+    assert not array.is_meta and float(array.abs().max()) <= r and float(array.std()) > r / 4
+    module(_kjt(2)).values().sum().backward()
+    state = module.fused_optimizer.state_of(module.arrays["default"])
+    assert state.device.type == "cpu" and float(state.sum()) > 0
+
+
+def test_empty_fused_optimizer_without_fusion():
+    module = RobeEmbeddingBagCollection(TABLES, ROBE)
+    assert len(module.fused_optimizer.params) == 0
+
+
+def test_int32_offsets_are_accepted():
+    kjt = _kjt(3)
+    kjt32 = KeyedJaggedTensor(
+        keys=kjt.keys(), values=kjt.values(), offsets=kjt.offsets().to(torch.int32)
+    )
+    module = RobeEmbeddingBagCollection(TABLES, ROBE)
+    torch.testing.assert_close(module(kjt).values(), module(kjt32).values())

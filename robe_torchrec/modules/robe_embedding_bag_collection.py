@@ -20,7 +20,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 
 from robe_torchrec.config import RobeConfig
@@ -106,13 +106,19 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             self._output_slots.extend(slot_of[(t.name, f)] for f, t in feats)
         self._needs_output_permute = self._output_slots != sorted(self._output_slots)
 
-        self.arrays = nn.ParameterDict(
+        self.arrays = _RobeArrays(
             {
                 group: nn.Parameter(
                     torch.empty(config.num_elements, dtype=torch.float32, device=self._device)
                 )
                 for group, config in self._robe_configs.items()
-            }
+            },
+            init_ranges={
+                group: config.resolved_init_range(
+                    [t for t in tables if self._table_to_group[t.name] == group]
+                )
+                for group, config in self._robe_configs.items()
+            },
         )
         self._hash_keys: Dict[str, torch.Tensor] = {}
         self._fused_optimizer: Optional[RobeFusedOptimizer] = None
@@ -151,9 +157,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
-        """The optimizer fused into backward (torchrec's FusedOptimizerModule interface)."""
+        """The optimizer fused into backward (torchrec's FusedOptimizerModule interface); an empty
+        one when the arrays are trained by a dense optimizer (DMP collects it either way)."""
         if self._fused_optimizer is None:
-            raise AttributeError("this RobeEmbeddingBagCollection has no fused optimizer")
+            return EmptyFusedOptimizer()
+        self._fused_optimizer.ensure_bound(self._named_arrays())
         return self._fused_optimizer
 
     @property
@@ -173,17 +181,12 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         return self
 
     def reset_parameters(self) -> None:
-        """Uniform(-r, r) init of every array (see RobeConfig.init_range); a no-op on meta."""
+        """Uniform(-r, r) init of every array (see RobeConfig.init_range) and zero optimizer
+        state; arrays still on meta are skipped."""
+        self.arrays.reset_parameters()
         if self._fused_optimizer is not None:
             self._fused_optimizer.rebind(self._named_arrays())
             self._fused_optimizer.reset_state()
-        for group, param in self.arrays.items():
-            if param.device.type == "meta":
-                continue
-            members = [t for t in self._embedding_bag_configs if self._table_to_group[t.name] == group]
-            r = self._robe_configs[group].resolved_init_range(members)
-            with torch.no_grad():
-                param.uniform_(-r, r)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pool every configured feature of ``features``; output keys as torchrec's EBC."""
@@ -193,6 +196,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         ids = values if values.dtype == torch.int64 else values.to(torch.int64)
         offsets = _offsets_of(features)
         weights = features.weights_or_none() if self._is_weighted else None
+        if self._fused_optimizer is not None:
+            self._fused_optimizer.ensure_bound(self._named_arrays())
 
         outputs: List[torch.Tensor] = []
         first_feature = 0
@@ -320,6 +325,22 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             )
 
 
+class _RobeArrays(nn.ParameterDict):
+    """The arrays, by group, with their own ``reset_parameters``: DistributedModelParallel
+    materialises meta parameters module by module and resets the module that owns them."""
+
+    def __init__(self, params: Dict[str, nn.Parameter], init_ranges: Dict[str, float]) -> None:
+        super().__init__(params)
+        self._init_ranges = dict(init_ranges)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for group, param in self.items():
+                if param.device.type != "meta":
+                    r = self._init_ranges[group]
+                    param.uniform_(-r, r)
+
+
 def _resolve_groups(
     tables: Sequence[EmbeddingBagConfig],
     robe: Union[RobeConfig, Mapping[str, RobeConfig]],
@@ -387,7 +408,7 @@ def _offsets_of(features: KeyedJaggedTensor) -> torch.Tensor:
     (torchrec would call an fbgemm op that the CPU build of fbgemm lacks for CUDA tensors)."""
     offsets = features.offsets_or_none()
     if offsets is not None:
-        return offsets
+        return offsets if offsets.dtype == torch.int64 else offsets.to(torch.int64)
     lengths = features.lengths()
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths, 0, out=out[1:])

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source launch/setup_env.sh
-exec python -m robe_torchrec.quickstart "$@"
+exec python -m robe_torchrec.train --config configs/synthetic_small.yaml "$@"

@@ -1,0 +1,346 @@
+"""Typed training configuration: dataclass sections loaded from YAML, checked, overridable.
+
+A config file is a YAML mapping of sections (``data``, ``model``, ``robe``, ``optimizer``,
+``train``, ``eval``, ``checkpoint``, ``logging``) to mappings of fields. Unknown sections or keys
+and values of the wrong type are errors that name the valid keys / the expected type. Missing
+keys keep their defaults. Command-line overrides use dotted paths:
+
+    --set train.steps=100 robe.block_size=8      or      --train.steps 100 --robe.block_size=8
+
+An override value is parsed as YAML and then checked against the field's type (``"100"`` -> 100
+for an int field; ``"512,256,128"`` or ``"[512, 256, 128]"`` for a list of ints; ``null`` for an
+optional field; a str field takes the text as is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from.
+
+    ``source``: ``synthetic`` (robe_torchrec.data.synthetic, indexed by batch: exact resume),
+    ``criteo_tsv`` (``train_paths``/``val_paths``: Criteo TSV files, plain or gzip).
+    ``cardinalities`` / ``pooling_factors``: per categorical feature; empty means the data
+    source's default (synthetic: Criteo Kaggle capped at 100k rows, one-hot).
+    """
+
+    source: str = "synthetic"
+    train_paths: List[str] = field(default_factory=list)
+    val_paths: List[str] = field(default_factory=list)
+    num_dense: int = 13
+    cardinalities: List[int] = field(default_factory=list)
+    pooling_factors: List[int] = field(default_factory=list)
+    teacher_strength: float = 2.0
+    zipf_exponent: float = 1.1
+    skip_malformed: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """torchrec.models.dlrm: ``dlrm`` (dot interaction) or ``dlrm_dcn`` (low-rank DCN v2).
+    ``bottom_mlp[-1]`` must equal ``embedding_dim``; ``top_mlp[-1]`` must be 1."""
+
+    arch: str = "dlrm"
+    embedding_dim: int = 16
+    bottom_mlp: List[int] = field(default_factory=lambda: [64, 16])
+    top_mlp: List[int] = field(default_factory=lambda: [64, 32, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+
+
+@dataclass
+class RobeSection:
+    """The ROBE arrays. Without ``groups`` one array (group ``default``) serves every table at
+    ``compression`` (nominal elements / array elements). ``groups`` maps a group name to its own
+    compression ratio and ``table_to_group`` maps table names (``t_cat_0`` ...) to groups;
+    tables not listed go to the first group."""
+
+    compression: float = 1000.0
+    block_size: int = 16
+    seed: int = 0
+    groups: Dict[str, float] = field(default_factory=dict)
+    table_to_group: Dict[str, str] = field(default_factory=dict)
+    kernel: str = "auto"
+    build_on_meta: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """``dense``: torch optimizer of the MLPs (``adagrad``, ``sgd``, ``adam``).
+    ``sparse``: ``fused`` (update fused into the ROBE backward; single process only) or ``dense``
+    (arrays get a gradient and join the dense optimizer: required for data-parallel training).
+    ``fused_kind``: ``adagrad``, ``rowwise_adagrad`` or ``sgd``. ``sparse_lr`` null = ``lr``.
+    Schedule: linear warmup over ``warmup_steps``; from ``decay_start`` the factor falls
+    polynomially (``decay_power``) to ``end_lr_factor`` over ``decay_steps`` (0: no decay)."""
+
+    dense: str = "adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    sparse: str = "fused"
+    fused_kind: str = "adagrad"
+    sparse_lr: Optional[float] = None
+    warmup_steps: int = 0
+    decay_start: int = 0
+    decay_steps: int = 0
+    decay_power: float = 2.0
+    end_lr_factor: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    """``global_batch_size`` is split evenly over ranks. ``target_auc``: stop early once an
+    evaluation reaches it (null: never). ``device``: ``auto`` (cuda if available), cpu, cuda."""
+
+    steps: int = 300
+    global_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    target_auc: Optional[float] = None
+    log_every: int = 25
+
+
+@dataclass
+class EvalSection:
+    """Validation every ``every`` steps (0: only at the end) on ``batches`` batches of
+    ``batch_size`` (synthetic: held-out batch indices; criteo_tsv: the first batches of
+    ``data.val_paths``). Every rank evaluates the same batches."""
+
+    every: int = 100
+    batches: int = 20
+    batch_size: int = 1024
+
+
+@dataclass
+class CheckpointSection:
+    """DCP checkpoints every ``every`` steps (0: none) under ``dir`` (empty: ``<logging.dir>/checkpoints``),
+    keeping the newest ``keep``. ``final``: also checkpoint after the last step."""
+
+    every: int = 0
+    dir: str = ""
+    keep: int = 2
+    final: bool = False
+
+
+@dataclass
+class LoggingSection:
+    """Run directory (``metrics.csv``, TensorBoard events, default checkpoint dir)."""
+
+    dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    robe: RobeSection = field(default_factory=RobeSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("data", "source"): ("synthetic", "criteo_tsv"),
+    ("model", "arch"): ("dlrm", "dlrm_dcn"),
+    ("robe", "kernel"): ("auto", "reference", "cpu", "triton"),
+    ("optimizer", "dense"): ("adagrad", "sgd", "adam"),
+    ("optimizer", "sparse"): ("fused", "dense"),
+    ("optimizer", "fused_kind"): ("sgd", "adagrad", "rowwise_adagrad"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+# ----- type checking ----------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return getattr(tp, "__name__", str(tp))
+    args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+    name = "Optional" if origin is typing.Union else getattr(origin, "__name__", str(origin))
+    if origin is typing.Union:
+        args = _type_name([a for a in typing.get_args(tp) if a is not type(None)][0])
+    return f"{name}[{args}]"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against ``tp`` (ints are accepted for floats); raises ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} (bool)")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _hints(cls: Any) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(cls: Any, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = _hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(hints)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: Any, source: str = "config") -> TrainConfig:
+    """A TrainConfig from a nested mapping, checked against the schema."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = _hints(TrainConfig)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; valid sections are {sorted(sections)}")
+    cfg = TrainConfig(**{k: _build_section(sections[k], v, f"{source}: {k}") for k, v in raw.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return {} if raw is None else raw
+
+
+def _parse_override_value(text: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] if origin is typing.Union else [tp]
+    base = inner[0] if inner else tp
+    if base is str and text not in ("null", "~"):
+        return text
+    if typing.get_origin(base) in (list, List) and not text.strip().startswith("["):
+        item = typing.get_args(base)[0]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return [p if item is str else yaml.safe_load(p) for p in parts]
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config mapping (returns a new mapping)."""
+    out: Dict[str, Any] = {k: dict(v or {}) for k, v in raw.items()}
+    sections = _hints(TrainConfig)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        if path.count(".") != 1:
+            raise ConfigError(f"override {item!r}: expected section.key=value (one dot)")
+        section, key = path.split(".")
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid sections are {sorted(sections)}")
+        hints = _hints(sections[section])
+        if key not in hints:
+            raise ConfigError(f"override {item!r}: unknown key {key!r} in {section}; valid keys are {sorted(hints)}")
+        try:
+            value = _parse_override_value(text, hints[key])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def split_cli_overrides(args: Sequence[str]) -> List[str]:
+    """``["--train.steps", "100", "--robe.block_size=8"]`` -> ``["train.steps=100", "robe.block_size=8"]``."""
+    out: List[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key VALUE")
+        if "=" in a:
+            out.append(a[2:])
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {a!r} has no value")
+            out.append(f"{a[2:]}={args[i + 1]}")
+            i += 2
+    return out
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (or defaults when ``path`` is None) + overrides -> validated TrainConfig."""
+    raw = load_yaml(path) if path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return from_dict(apply_overrides(raw, overrides), source=path or "config")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks; raises ConfigError."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: must be one of {list(choices)}, got {value!r}")
+    positive: List[Tuple[str, str]] = [
+        ("train", "steps"), ("train", "global_batch_size"), ("eval", "batches"), ("eval", "batch_size"),
+        ("model", "embedding_dim"), ("robe", "block_size"), ("data", "num_dense"),
+    ]
+    for section, key in positive:
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{section}.{key}: must be >= 1")
+    m = cfg.model
+    if not m.bottom_mlp or m.bottom_mlp[-1] != m.embedding_dim:
+        raise ConfigError(f"model.bottom_mlp must end with embedding_dim ({m.embedding_dim}), got {m.bottom_mlp}")
+    if not m.top_mlp or m.top_mlp[-1] != 1:
+        raise ConfigError(f"model.top_mlp must end with 1, got {m.top_mlp}")
+    if m.embedding_dim % cfg.robe.block_size:
+        raise ConfigError(f"robe.block_size ({cfg.robe.block_size}) must divide model.embedding_dim ({m.embedding_dim})")
+    if cfg.robe.compression <= 0 or any(r <= 0 for r in cfg.robe.groups.values()):
+        raise ConfigError("robe compression ratios must be > 0")
+    bad = sorted(set(cfg.robe.table_to_group.values()) - set(cfg.robe.groups))
+    if bad:
+        raise ConfigError(f"robe.table_to_group names unknown group(s) {bad}; groups are {sorted(cfg.robe.groups)}")
+    d = cfg.data
+    if d.pooling_factors and d.cardinalities and len(d.pooling_factors) != len(d.cardinalities):
+        raise ConfigError("data.pooling_factors needs one entry per data.cardinalities entry")
+    if d.source == "criteo_tsv" and not d.cardinalities:
+        raise ConfigError("data.cardinalities (nominal table sizes) is required for criteo_tsv")
+    if cfg.train.target_auc is not None and not 0.5 <= cfg.train.target_auc <= 1.0:
+        raise ConfigError("train.target_auc must be in [0.5, 1]")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")

@@ -1,0 +1,294 @@
+"""The C++ CPU kernel (robe_torchrec.ops.cpu) against the reference kernel API and torch.optim."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from robe_torchrec.hashing import block_offsets, table_key
+from robe_torchrec.ops import cpu
+from robe_torchrec.ops import reference as ref
+from tests.test_hashing import GOLDEN
+
+
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        return cpu.load_extension()
+    except RuntimeError as exc:
+        pytest.skip(f"the CPU extension cannot be built here: {exc}")
+
+
+# Forward sums in the reference's order (bit-identical in practice); backward sums a few
+# contributions per element in another order, and torch's vectorised sqrt may differ by 1 ulp.
+TOL = dict(rtol=2e-6, atol=2e-6)
+EXTREME_IDS = [-(2**63), 2**63 - 1, -1, 0, 1, 2**32, -(2**32), 2**31 - 1, -(2**31)]
+
+
+@dataclass
+class Case:
+    array: torch.Tensor
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    hash_keys: torch.Tensor
+    mean: torch.Tensor
+    weights: Optional[torch.Tensor]
+    B: int
+    D: int
+    Z: int
+
+    @property
+    def m(self) -> int:
+        return self.array.numel()
+
+    def args(self):
+        """The shared tail of the kernel API's arguments."""
+        return (self.indices, self.offsets, self.hash_keys, self.mean, self.weights, self.B, self.D, self.Z)
+
+    def grad_out(self, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.B, self.hash_keys.shape[0] * self.D, generator=g)
+
+
+def make_case(F, B, D, Z, m, max_len=4, weighted=False, mean="random", ids="random", empty_frac=0.2, seed=0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (F * B,), generator=g)
+    lengths[torch.rand(F * B, generator=g) < empty_frac] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    nnz = int(offsets[-1])
+    if ids == "extreme":
+        pick = torch.randint(0, len(EXTREME_IDS), (nnz,), generator=g)
+        indices = torch.tensor(EXTREME_IDS, dtype=torch.int64)[pick]
+    else:
+        indices = torch.randint(-(10**6), 10**6, (nnz,), generator=g)
+        # Repeats inside and across bags: the same blocks are hit several times.
+        indices[torch.rand(nnz, generator=g) < 0.3] = 7
+    if mean == "random":
+        mean_t = torch.rand(F, generator=g) < 0.5
+    else:
+        mean_t = torch.full((F,), mean == "all")
+    return Case(
+        array=torch.randn(m, generator=g),
+        indices=indices,
+        offsets=offsets,
+        hash_keys=torch.tensor([table_key(seed, f"table_{f}") for f in range(F)], dtype=torch.int64),
+        mean=mean_t,
+        weights=torch.rand(nnz, generator=g) * 4 - 2 if weighted else None,
+        B=B,
+        D=D,
+        Z=Z,
+    )
+
+
+# (F, B, D, Z, m, options): wrap-around at small m, partial last chunks (a block then crosses
+# three chunks), Z = 1, Z = D, m == Z (every block wraps inside chunk 0), Z < m < 2Z.
+CASES = {
+    "basic": (3, 6, 8, 4, 1000, {}),
+    "wrap_m37": (2, 7, 16, 8, 37, {}),
+    "z1_m53": (2, 9, 4, 1, 53, {}),
+    "z_eq_d_m101": (3, 5, 16, 16, 101, {}),
+    "d16_z4_m97": (2, 8, 16, 4, 97, {"max_len": 6}),
+    "m_eq_z": (2, 5, 16, 8, 8, {}),
+    "z_lt_m_lt_2z": (2, 5, 8, 8, 13, {}),
+    "weighted_mean": (3, 6, 8, 2, 64, {"weighted": True, "mean": "all"}),
+    "weighted_sum": (2, 6, 8, 4, 61, {"weighted": True, "mean": "none"}),
+    "empty_bags": (3, 6, 8, 4, 59, {"empty_frac": 0.7, "mean": "all"}),
+    "all_empty": (2, 4, 8, 4, 40, {"empty_frac": 1.0, "weighted": True}),
+    "extreme_ids": (2, 6, 8, 4, 83, {"ids": "extreme", "weighted": True}),
+    "larger": (4, 32, 16, 8, 5000, {"max_len": 8}),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request) -> Case:
+    F, B, D, Z, m, opts = CASES[request.param]
+    return make_case(F, B, D, Z, m, seed=sum(map(ord, request.param)), **opts)
+
+
+def _state(case: Case, optimizer: str, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if optimizer == "sgd":
+        return torch.empty(0)
+    if optimizer == "adagrad":
+        return torch.rand(case.m, generator=g)
+    return torch.rand((case.m + case.Z - 1) // case.Z, generator=g)
+
+
+# ------------------------------------------------------------------------------------ the hash
+
+
+@pytest.mark.parametrize("seed,name,idx,block,m,expected", GOLDEN)
+def test_cpp_hash_golden(ext, seed, name, idx, block, m, expected):
+    k0, k1 = table_key(seed, name)
+    out = ext.block_offsets(torch.tensor([idx], dtype=torch.int64), k0, k1, block + 1, m)
+    assert out[0, block].item() == expected
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 37, 2**20, 1_000_003, 2**31 + 11, 2**40 + 7, 2**48 - 1, 2**48])
+def test_cpp_hash_matches_torch(ext, m):
+    g = torch.Generator().manual_seed(m % 9973)
+    ids = torch.cat(
+        [torch.tensor(EXTREME_IDS, dtype=torch.int64), torch.randint(-(2**63), 2**63 - 1, (3000,), generator=g)]
+    )
+    k0, k1 = table_key(11, "hash_check")
+    expected = block_offsets(ids, torch.tensor([k0]), torch.tensor([k1]), 5, m)
+    assert torch.equal(ext.block_offsets(ids, k0, k1, 5, m), expected)
+
+
+# ------------------------------------------------------------------------ forward and backward
+
+
+def test_forward_matches_reference(ext, case):
+    out = cpu.pooled_forward(case.array, *case.args())
+    expected = ref.pooled_forward(case.array, *case.args())
+    assert out.shape == expected.shape == (case.B, case.hash_keys.shape[0] * case.D)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_forward_empty_bags_are_zero(ext):
+    c = make_case(2, 6, 8, 4, 50, empty_frac=0.6, mean="all", seed=3)
+    out = cpu.pooled_forward(c.array, *c.args()).view(c.B, 2, c.D)
+    lengths = (c.offsets[1:] - c.offsets[:-1]).view(2, c.B).t()
+    assert bool((lengths == 0).any())
+    assert bool((out[lengths == 0] == 0).all())
+
+
+def test_dense_backward_matches_reference(ext, case):
+    go = case.grad_out(5)
+    grad = cpu.pooled_backward_dense(go, case.m, *case.args())
+    expected = ref.pooled_backward_dense(go, case.m, *case.args())
+    assert grad.shape == (case.m,)
+    torch.testing.assert_close(grad, expected, **TOL)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_fused_step_matches_reference(ext, case, optimizer):
+    go = case.grad_out(6)
+    state = _state(case, optimizer)
+    a_cpu, s_cpu = case.array.clone(), state.clone()
+    a_ref, s_ref = case.array.clone(), state.clone()
+    cpu.pooled_backward_fused(go, a_cpu, s_cpu, *case.args(), optimizer, 0.05, 1e-8)
+    ref.pooled_backward_fused(go, a_ref, s_ref, *case.args(), optimizer, 0.05, 1e-8)
+    torch.testing.assert_close(a_cpu, a_ref, **TOL)
+    torch.testing.assert_close(s_cpu, s_ref, **TOL)
+    # Elements with a zero gradient keep their exact bits (in a touched chunk too: M -= 0).
+    untouched = ref.pooled_backward_dense(go, case.m, *case.args()) == 0
+    assert torch.equal(a_cpu[untouched], case.array[untouched])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_three_fused_steps_match_reference(ext, optimizer):
+    c = make_case(3, 8, 16, 4, 89, max_len=5, weighted=True, seed=21)
+    state = _state(c, optimizer)
+    a_cpu, s_cpu = c.array.clone(), state.clone()
+    a_ref, s_ref = c.array.clone(), state.clone()
+    for step in range(3):
+        go = c.grad_out(100 + step)
+        cpu.pooled_backward_fused(go, a_cpu, s_cpu, *c.args(), optimizer, 0.1, 1e-6)
+        ref.pooled_backward_fused(go, a_ref, s_ref, *c.args(), optimizer, 0.1, 1e-6)
+    torch.testing.assert_close(a_cpu, a_ref, **TOL)
+    torch.testing.assert_close(s_cpu, s_ref, **TOL)
+
+
+# ---------------------------------------------------------------- against torch.optim / formulas
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_fused_equals_torch_optim(ext, optimizer):
+    c = make_case(3, 10, 8, 4, 71, max_len=5, weighted=True, seed=31)
+    lr, eps = 0.07, 1e-7
+    param = torch.nn.Parameter(c.array.clone())
+    if optimizer == "sgd":
+        opt = torch.optim.SGD([param], lr=lr)
+        state = torch.empty(0)
+    else:
+        opt = torch.optim.Adagrad([param], lr=lr, eps=eps, initial_accumulator_value=0.0)
+        state = torch.zeros(c.m)
+    array = c.array.clone()
+    for step in range(2):
+        go = c.grad_out(200 + step)
+        param.grad = ref.pooled_backward_dense(go, c.m, *c.args())
+        opt.step()
+        cpu.pooled_backward_fused(go, array, state, *c.args(), optimizer, lr, eps)
+    torch.testing.assert_close(array, param.detach(), **TOL)
+    if optimizer == "adagrad":
+        torch.testing.assert_close(state, opt.state[param]["sum"], **TOL)
+
+
+def test_rowwise_adagrad_formula(ext):
+    """Per aligned chunk j (the last one partial): S[j] += mean(g[j]^2); M[j] -= lr g / (sqrt(S[j]) + eps)."""
+    c = make_case(2, 9, 8, 4, 43, max_len=4, weighted=True, seed=41)  # 43 = 10 chunks of 4 + 3
+    lr, eps = 0.3, 1e-5
+    go = c.grad_out(7)
+    g = ref.pooled_backward_dense(go, c.m, *c.args()).double()
+    state = _state(c, "rowwise_adagrad")
+    expected_m, expected_s = c.array.double().clone(), state.double().clone()
+    for j in range(state.numel()):
+        lo, hi = j * c.Z, min((j + 1) * c.Z, c.m)
+        expected_s[j] += (g[lo:hi] ** 2).sum() / (hi - lo)
+        expected_m[lo:hi] -= lr * g[lo:hi] / (expected_s[j].sqrt() + eps)
+    array = c.array.clone()
+    cpu.pooled_backward_fused(go, array, state, *c.args(), "rowwise_adagrad", lr, eps)
+    torch.testing.assert_close(state, expected_s.float(), **TOL)
+    torch.testing.assert_close(array, expected_m.float(), **TOL)
+
+
+# ------------------------------------------------------------------------ determinism, threads
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_deterministic_and_thread_count_independent(ext, optimizer):
+    # Many lookups into a small array: every chunk is hit by records from every thread's range,
+    # and enough entries (~200k) that the radix sort splits its passes across threads.
+    c = make_case(4, 2048, 16, 4, 997, max_len=8, weighted=True, seed=51)
+    go = c.grad_out(9)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, threads, 1, 3):
+            torch.set_num_threads(n)
+            a, s = c.array.clone(), _state(c, optimizer)
+            cpu.pooled_backward_fused(go, a, s, *c.args(), optimizer, 0.1, 1e-8)
+            dense = cpu.pooled_backward_dense(go, c.m, *c.args())
+            results.append((a, s, dense, cpu.pooled_forward(c.array, *c.args())))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+    # ~500 contributions per element, summed in another order than the reference's: looser here.
+    torch.testing.assert_close(results[0][2], ref.pooled_backward_dense(go, c.m, *c.args()), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def test_rejects_bad_inputs(ext):
+    c = make_case(2, 4, 8, 4, 40, seed=61)
+    with pytest.raises(RuntimeError, match="indices must be int64"):
+        cpu.pooled_forward(c.array, c.indices.int(), *c.args()[1:])
+    with pytest.raises(RuntimeError, match="offsets"):
+        cpu.pooled_forward(c.array, c.indices, c.offsets[:-1], *c.args()[2:])
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.pooled_forward(c.array.double(), *c.args())
+    with pytest.raises(RuntimeError, match="multiple of block_size"):
+        cpu.pooled_forward(c.array, *c.args()[:-2], 6, 4)
+    with pytest.raises(RuntimeError, match="num_elements"):
+        cpu.pooled_forward(c.array[:3], *c.args())
+    with pytest.raises(RuntimeError, match="unknown fused optimizer"):
+        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), torch.empty(0), *c.args(), "adam", 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="rowwise_adagrad state"):
+        bad_state = torch.zeros(c.m)  # adagrad's shape, not [ceil(m / Z)]
+        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), bad_state, *c.args(), "rowwise_adagrad", 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        cpu.pooled_backward_dense(torch.zeros(c.B, 3), c.m, *c.args())
+
+
+def test_fused_bumps_version_counter(ext):
+    c = make_case(2, 4, 8, 4, 40, seed=71)
+    array = c.array.clone()
+    before = array._version
+    cpu.pooled_backward_fused(c.grad_out(0), array, torch.empty(0), *c.args(), "sgd", 0.1, 1e-8)
+    assert array._version > before

@@ -159,3 +159,26 @@ def test_int32_offsets_are_accepted():
     )
     module = RobeEmbeddingBagCollection(TABLES, ROBE)
     torch.testing.assert_close(module(kjt).values(), module(kjt32).values())
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad"])
+def test_mixed_dims_in_one_array_take_one_fused_step(kernel, name):
+    """Tables of different dims share the array: the fused step sees their summed gradient."""
+    tables = TABLES + [EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=40, feature_names=["f3"])]
+    cfg = RobeFusedOptimizerConfig(name, lr=0.1)
+    fused = RobeEmbeddingBagCollection(tables, ROBE, kernel=kernel, fused_optimizer=cfg)
+    ref = RobeEmbeddingBagCollection(tables, ROBE, kernel="reference", fused_optimizer=cfg)
+    ref.load_state_dict(fused.state_dict())
+    for step in range(2):
+        rng = random.Random(step)
+        lengths = [rng.randint(0, 3) for _ in range(4 * 6)]
+        kjt = KeyedJaggedTensor(
+            keys=["f0", "f1", "f2", "f3"],
+            values=torch.tensor([rng.randint(-(2**40), 2**40) for _ in range(sum(lengths))], dtype=torch.int64),
+            lengths=torch.tensor(lengths),
+        )
+        g = torch.randn(6, 28, generator=torch.Generator().manual_seed(step))
+        (fused(kjt).values() * g).sum().backward()
+        (ref(kjt).values() * g).sum().backward()
+    torch.testing.assert_close(fused.arrays["default"].data, ref.arrays["default"].data, rtol=1e-5, atol=1e-6)

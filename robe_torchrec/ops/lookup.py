@@ -158,18 +158,20 @@ def robe_pooled_lookup(
             array, indices, offsets, hash_keys, mean, per_sample_weights,
             batch_size, dims[0], layout.block_size, name, fused,
         )
-    outputs: List[torch.Tensor] = []
+    runs = []
     for f0, f1 in _dim_runs(dims):
-        lo, hi = offsets[f0 * batch_size], offsets[f1 * batch_size]
-        lo_i, hi_i = int(lo), int(hi)
-        w = None if per_sample_weights is None else per_sample_weights[lo_i:hi_i]
-        outputs.append(
-            _RobeLookup.apply(
-                array, indices[lo_i:hi_i], offsets[f0 * batch_size : f1 * batch_size + 1] - lo,
-                hash_keys[f0:f1], mean[f0:f1], w, batch_size, dims[f0], layout.block_size, name, fused,
+        lo, hi = int(offsets[f0 * batch_size]), int(offsets[f1 * batch_size])
+        runs.append(
+            (
+                indices[lo:hi],
+                offsets[f0 * batch_size : f1 * batch_size + 1] - lo,
+                hash_keys[f0:f1],
+                mean[f0:f1],
+                None if per_sample_weights is None else per_sample_weights[lo:hi],
+                dims[f0],
             )
         )
-    return torch.cat(outputs, dim=1)
+    return _RobeLookupRuns.apply(array, runs, batch_size, layout.block_size, name, fused)
 
 
 def _dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
@@ -180,6 +182,47 @@ def _dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
             runs.append((start, f))
             start = f
     return runs
+
+
+class _RobeLookupRuns(torch.autograd.Function):
+    """Several embedding dims on one array: one kernel call per dim run, ONE optimizer step.
+
+    The array's gradient is the sum over runs, so a fused step must see all of them at once
+    (Adagrad is not additive); this rare layout therefore sums the runs' dense gradients and
+    applies the fused update rule to that (DLRM-style models use one dim and never get here).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, array, runs, batch_size, block_size, kernel, fused):  # type: ignore[override]
+        backend = _backend(kernel)
+        outs = [
+            backend.pooled_forward(array.detach(), ids, offs, keys, mean, w, batch_size, dim, block_size)
+            for ids, offs, keys, mean, w, dim in runs
+        ]
+        ctx.meta = (array, runs, batch_size, block_size, kernel, fused)
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        from robe_torchrec.ops.reference import apply_optimizer_dense
+
+        array, runs, batch_size, block_size, kernel, fused = ctx.meta
+        backend = _backend(kernel)
+        grad = None
+        col = 0
+        for ids, offs, keys, mean, w, dim in runs:
+            width = keys.shape[0] * dim
+            g = backend.pooled_backward_dense(
+                grad_out[:, col : col + width].contiguous(), array.numel(), ids, offs, keys, mean, w,
+                batch_size, dim, block_size,
+            )
+            grad = g if grad is None else grad + g
+            col += width
+        if fused is None:
+            return (grad,) + (None,) * 5
+        opt = fused.optimizer
+        apply_optimizer_dense(array.data, fused.state, grad, opt.config.optimizer, opt.lr, opt.eps, block_size)
+        return (None,) * 6
 
 
 class _ReferenceFused(torch.autograd.Function):

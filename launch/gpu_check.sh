@@ -35,12 +35,18 @@ test_rc=${PIPESTATUS[0]}
 [ "$test_rc" = 0 ] || status=1
 
 timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m robe_torchrec.bench.lookup --device cuda --batch 65536 \
-  --shapes ${GPU_BENCH_SHAPES:-a,b} --sides robe,torch --iters 10 --warmup 3 2>&1 | tee "$OUT/bench.log"
+  --shapes "${GPU_BENCH_SHAPES:-a,b,m}" --sides robe,tbe,torch --iters 10 --warmup 3 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 0 ] || status=1
 
+timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m robe_torchrec.bench.inference --device cuda --batch 65536 \
+  --iters 10 2>&1 | tee "$OUT/inference.log"
+infer_rc=${PIPESTATUS[0]}
+[ "$infer_rc" = 0 ] || status=1
+
 echo
-echo "== summary: tests rc=$test_rc, bench rc=$bench_rc =="
+echo "== summary: tests rc=$test_rc, bench rc=$bench_rc, inference rc=$infer_rc =="
 tail -n 3 "$OUT/tests.log"
-grep -E "^\||^##" "$OUT/bench.log" || true
+grep -E "^#|^\|" "$OUT/bench.log" || true
+grep -E "^#|^\||^ROBE" "$OUT/inference.log" || true
 exit $status

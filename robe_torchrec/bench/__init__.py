@@ -1,0 +1,1 @@
+"""Benchmarks (commands that print both sides measured in one run; not tests)."""

@@ -56,7 +56,34 @@ def state_numel(optimizer: str, num_elements: int, block_size: int) -> int:
     return (num_elements + block_size - 1) // block_size
 
 
-class RobeFusedOptimizer(FusedOptimizer):
+class RobeFusedOptimizerBase(FusedOptimizer):
+    """What every ROBE fused optimizer shares: no-op ``step``/``zero_grad`` (the update happened in
+    backward) and the hyper-parameters the kernels read at backward time from ``param_groups``."""
+
+    config: RobeFusedOptimizerConfig
+
+    def step(self, closure: Any = None) -> None:
+        """No-op: the update happened in backward."""
+        if closure is not None:
+            closure()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """No-op: fused arrays never hold a gradient."""
+
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])  # type: ignore[index]
+
+    @property
+    def eps(self) -> float:
+        return float(self.param_groups[0]["eps"])  # type: ignore[index]
+
+    def state_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The (local) accumulator of one array (empty for SGD)."""
+        raise NotImplementedError
+
+
+class RobeFusedOptimizer(RobeFusedOptimizerBase):
     """Holds the fused optimizer's hyper-parameters and state for a module's ROBE arrays.
 
     Args:
@@ -86,23 +113,7 @@ class RobeFusedOptimizer(FusedOptimizer):
             }
         ]
         super().__init__(dict(params), state, groups)
-        _mark_in_backward(params.values(), self)
-
-    def step(self, closure: Any = None) -> None:
-        """No-op: the update happened in backward."""
-        if closure is not None:
-            closure()
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """No-op: fused arrays never hold a gradient."""
-
-    @property
-    def lr(self) -> float:
-        return float(self.param_groups[0]["lr"])  # type: ignore[index]
-
-    @property
-    def eps(self) -> float:
-        return float(self.param_groups[0]["eps"])  # type: ignore[index]
+        mark_in_backward(params.values(), self)
 
     def state_of(self, param: torch.Tensor) -> torch.Tensor:
         """The accumulator of one array (empty for SGD)."""
@@ -124,7 +135,7 @@ class RobeFusedOptimizer(FusedOptimizer):
         self.params = dict(params)
         self.state = new_state
         self.param_groups[0]["params"] = list(params.values())  # type: ignore[index]
-        _mark_in_backward(params.values(), self)
+        mark_in_backward(params.values(), self)
 
     def ensure_bound(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Re-point at ``params`` if they were replaced behind the module's back (DMP swaps
@@ -139,7 +150,7 @@ class RobeFusedOptimizer(FusedOptimizer):
             self.state[param][STATE_NAME] = torch.zeros(n, dtype=torch.float32, device=param.device)
 
 
-def _mark_in_backward(params: Any, optimizer: "RobeFusedOptimizer") -> None:
+def mark_in_backward(params: Any, optimizer: FusedOptimizer) -> None:
     """Tag arrays the way torch's _apply_optimizer_in_backward does, so that torchrec's
     ``in_backward_optimizer_filter`` keeps them out of the dense optimizer."""
     for p in params:

@@ -10,6 +10,8 @@ benchmarks and GPU checks; a real deployment installs the CUDA fbgemm-gpu.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 _registered = False
@@ -27,7 +29,7 @@ def install_cuda_shims() -> bool:
     global _registered, _LIB
     if _registered or not torch.cuda.is_available():
         return False
-    import fbgemm_gpu  # noqa: F401 (imported for its side effect: it defines the op schemas)
+    importlib.import_module("fbgemm_gpu")  # defines the fbgemm op schemas
 
     probe = torch.ones(2, dtype=torch.int64, device="cuda")
     try:

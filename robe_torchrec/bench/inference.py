@@ -97,7 +97,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             model_ms = timed(lambda: model(dense, kjt), args.iters, args.warmup, device)
             emb_ms = timed(lambda: ebc(kjt), args.iters, args.warmup, device)
         results[side] = dict(model_ms=model_ms, emb_ms=emb_ms, mbytes=mbytes)
-        del model, ebc
+        model = ebc = None  # free this side before building the next
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

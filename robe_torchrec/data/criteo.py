@@ -50,7 +50,7 @@ from torchrec.datasets.criteo import (
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from robe_torchrec.data.synthetic import _default_rank_world
+from robe_torchrec.data.synthetic import resolve_rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -351,11 +351,7 @@ class CriteoTSVDataset(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shard_by not in ("line", "file"):
             raise ValueError(f"shard_by must be 'line' or 'file', got {shard_by!r}")
-        default_rank, default_world = _default_rank_world()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got {self.rank}, {self.world_size}")
+        self.rank, self.world_size = resolve_rank_world(rank, world_size)
         self.batch_size = batch_size
         self.skip_malformed = skip_malformed
         self.drop_last = drop_last

@@ -47,7 +47,7 @@ from torchrec.datasets.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from torchrec.datasets.utils import Batch
 
 from robe_torchrec.data.criteo import CRITEO_FEATURE_NAMES, dense_log1p, make_batch
-from robe_torchrec.data.synthetic import _default_rank_world
+from robe_torchrec.data.synthetic import resolve_rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +189,7 @@ class BinaryCriteoDataset(IterableDataset):
             raise ValueError(f"stage must be 'train', 'val' or 'test', got {stage!r}")
         if dense_transform not in _DENSE_TRANSFORMS:
             raise ValueError(f"dense_transform must be one of {_DENSE_TRANSFORMS}")
-        default_rank, default_world = _default_rank_world()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got {self.rank}, {self.world_size}")
+        self.rank, self.world_size = resolve_rank_world(rank, world_size)
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.stage = stage

@@ -411,10 +411,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _default_rank_world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def resolve_rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """(rank, world_size), defaulting to torch.distributed's when it is initialised, checked."""
+    default_rank, default_world = (
+        (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    )
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
+    return rank, world_size
 
 
 class SyntheticCriteoDataset(IterableDataset):
@@ -437,11 +443,7 @@ class SyntheticCriteoDataset(IterableDataset):
         world_size: Optional[int] = None,
     ) -> None:
         super().__init__()
-        default_rank, default_world = _default_rank_world()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got {self.rank}, {self.world_size}")
+        self.rank, self.world_size = resolve_rank_world(rank, world_size)
         if batch_size < 1 or first_batch < 0 or (num_batches is not None and num_batches < 0):
             raise ValueError("batch_size must be >= 1, first_batch and num_batches >= 0")
         self.config = config

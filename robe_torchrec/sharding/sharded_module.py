@@ -32,8 +32,7 @@ ceil(m/Z) for rowwise_adagrad). ``torch.distributed.checkpoint`` reshards both o
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -57,20 +56,22 @@ from torchrec.distributed.types import (
     ShardingEnv,
     ShardingType,
 )
-from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.streamable import Multistreamable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_torchrec.config import RobeConfig
-from robe_torchrec.modules.robe_embedding_bag_collection import (
-    _EXTRA_STATE_KEY,
-    RobeEmbeddingBagCollection,
-    _offsets_of,
-)
+from robe_torchrec.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, _offsets_of
 from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.lookup import robe_pooled_lookup
-from robe_torchrec.optim import STATE_NAME, RobeFusedOptimizerConfig, state_numel
+from robe_torchrec.optim import (
+    STATE_NAME,
+    RobeFusedOptimizerBase,
+    RobeFusedOptimizerConfig,
+    mark_in_backward,
+    state_numel,
+)
 from robe_torchrec.sharding.comm import reduce_scatter_sum
 from robe_torchrec.sharding.rw_lookup import ShardRanges, owner_mask, partial_pooled, partial_pooled_fused
 
@@ -146,7 +147,7 @@ def _state_range(optimizer: str, lo: int, hi: int, block_size: int) -> Tuple[int
     return 0, 0
 
 
-class ShardedRobeFusedOptimizer(FusedOptimizer):
+class ShardedRobeFusedOptimizer(RobeFusedOptimizerBase):
     """The fused optimizer of a sharded collection's table_wise / row_wise arrays.
 
     Keys ``arrays.<group>``; state ``momentum1`` is a ShardedTensor laid out like the array
@@ -168,23 +169,7 @@ class ShardedRobeFusedOptimizer(FusedOptimizer):
             {"params": list(params.values()), "lr": config.lr, "eps": config.eps, "optimizer": config.optimizer}
         ] if params else []
         super().__init__(dict(params), state, groups)
-        for p in params.values():
-            p._in_backward_optimizers = [self]  # type: ignore[attr-defined]
-
-    def step(self, closure: Any = None) -> None:
-        if closure is not None:
-            closure()
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        pass
-
-    @property
-    def lr(self) -> float:
-        return float(self.param_groups[0]["lr"])  # type: ignore[index]
-
-    @property
-    def eps(self) -> float:
-        return float(self.param_groups[0]["eps"])  # type: ignore[index]
+        mark_in_backward(params.values(), self)
 
     def state_of(self, param: torch.Tensor) -> torch.Tensor:
         """This rank's piece of the accumulator of one array."""

@@ -36,7 +36,7 @@ Sharding types (CPU and CUDA): ``data_parallel`` (kernel label ``dense``), ``tab
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ from torchrec.optim import RowWiseAdagrad
 
 from robe_torchrec.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
 from robe_torchrec.optim import RobeFusedOptimizerConfig
+
+if TYPE_CHECKING:
+    from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollection
 
 SHARDING_TYPES = (
     ShardingType.DATA_PARALLEL.value,
@@ -158,7 +161,7 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> "ShardedRobeEmbeddingBagCollection":  # noqa: F821
+    ) -> "ShardedRobeEmbeddingBagCollection":
         from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollection
 
         return ShardedRobeEmbeddingBagCollection(

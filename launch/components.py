@@ -7,12 +7,20 @@
 
 Built on ``torchx.components.dist.ddp`` (torchrun under the hood): every process gets RANK,
 WORLD_SIZE and LOCAL_RANK, and ``robe_torchrec.train`` initialises gloo (CPU) or nccl (CUDA).
-With more than one process the ROBE arrays are trained data-parallel with the dense optimizer
-(there is no ROBE sharder yet; see ``robe_torchrec/train.py``).
+With more than one process torchrec's planner shards the model with the ROBE sharder
+(``robe.sharding`` / ``robe.sharding_type`` in the config; see ``robe_torchrec/train.py``).
+
+``max_retries`` sets both the scheduler's retries (slurm, kubernetes, ...) and torchrun's
+``--max_restarts`` (torchelastic restarts the failed node's workers in place; the local
+schedulers have no retries of their own). Pair it with ``resume=True`` so a restarted worker
+continues from the latest checkpoint.
+
+``evaluate`` and ``predict`` run ``python -m robe_torchrec.evaluate`` in one process (DCP
+reshards any training checkpoint to it).
 """
 
 import shlex
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components.dist import ddp
@@ -59,7 +67,7 @@ def train(
         args += ["--set", *extra]
     if resume:
         args.append("--resume")
-    return ddp(
+    app = ddp(
         *args,
         m="robe_torchrec.train",
         name="robe_train",
@@ -72,3 +80,113 @@ def train(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
+    if max_retries > 0:
+        _add_torchrun_restarts(app, max_retries)
+    return app
+
+
+def _add_torchrun_restarts(app: specs.AppDef, max_restarts: int) -> None:
+    """``torchrun --max_restarts N``: torchelastic restarts all local workers when one fails."""
+    role = app.roles[0]
+    assert role.args[0] == "-c" and role.args[1].startswith("torchrun "), role.args
+    role.args[1] = role.args[1].replace("torchrun ", f"torchrun --max_restarts {max_restarts} ", 1)
+
+
+def _single(
+    module_args: List[str], name: str, image: str, cpu: int, gpu: int, memMB: int, env: Optional[Dict[str, str]]
+) -> specs.AppDef:
+    """One process running ``python -m robe_torchrec.evaluate ...``."""
+    return specs.AppDef(
+        name=name,
+        roles=[
+            specs.Role(
+                name=name,
+                image=image,
+                entrypoint="python",
+                args=["-m", "robe_torchrec.evaluate", *module_args],
+                env=dict(env or {}),
+                resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB),
+            )
+        ],
+    )
+
+
+def evaluate(
+    config: str = "configs/synthetic_small.yaml",
+    checkpoint: str = "",
+    output: str = "",
+    overrides: str = "",
+    image: str = "ghcr.io/pytorch/torchx:0.7.0",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+) -> specs.AppDef:
+    """Evaluate a training checkpoint (AUC, log loss) on the config's validation data.
+
+    Args:
+        config: path of the YAML config the checkpoint was trained with.
+        checkpoint: a ``step_N`` checkpoint directory, or a checkpoint directory (its ``latest``);
+            empty: the config's checkpoint directory.
+        output: JSON file for the metrics (empty: print only).
+        overrides: space-separated ``section.key=value`` config overrides.
+        image: container image (ignored by the local_cwd scheduler).
+        cpu: CPUs (scheduler resource request).
+        gpu: GPUs (scheduler resource request).
+        memMB: memory in MB (scheduler resource request).
+        env: extra environment variables.
+
+    Returns:
+        The torchx AppDef of the job.
+    """
+    args = ["evaluate", "--config", config]
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    if output:
+        args += ["--output", output]
+    extra = shlex.split(overrides)
+    if extra:
+        args += ["--set", *extra]
+    return _single(args, "robe_evaluate", image, cpu, gpu, memMB, env)
+
+
+def predict(
+    input: str,
+    output: str,
+    config: str = "configs/criteo_kaggle.yaml",
+    checkpoint: str = "",
+    overrides: str = "",
+    batch_size: int = 4096,
+    image: str = "ghcr.io/pytorch/torchx:0.7.0",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+) -> specs.AppDef:
+    """Write click probabilities (one per line, input order) for Criteo TSV files without labels.
+
+    Args:
+        input: space-separated Criteo TSV path(s) (``.gz`` ok; with or without the label column).
+        output: file for the probabilities.
+        config: path of the YAML config the checkpoint was trained with.
+        checkpoint: a ``step_N`` checkpoint directory, or a checkpoint directory (its ``latest``);
+            empty: the config's checkpoint directory.
+        overrides: space-separated ``section.key=value`` config overrides.
+        batch_size: samples per forward.
+        image: container image (ignored by the local_cwd scheduler).
+        cpu: CPUs (scheduler resource request).
+        gpu: GPUs (scheduler resource request).
+        memMB: memory in MB (scheduler resource request).
+        env: extra environment variables.
+
+    Returns:
+        The torchx AppDef of the job.
+    """
+    args = ["predict", "--config", config, "--input", *shlex.split(input), "--output", output,
+            "--batch_size", str(batch_size)]
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    extra = shlex.split(overrides)
+    if extra:
+        args += ["--set", *extra]
+    return _single(args, "robe_predict", image, cpu, gpu, memMB, env)

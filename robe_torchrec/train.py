@@ -4,18 +4,21 @@
     torchrun --nproc_per_node 2 -m robe_torchrec.train --config configs/synthetic_small.yaml
     torchx run -s local_cwd launch/components.py:train --nproc_per_node 2
 
-Parallelism: one process trains the plain module (no wrapper, no process group), and may fuse the
-ROBE optimizer into backward. With WORLD_SIZE > 1 the model is wrapped in torchrec's
-DistributedModelParallel. There is no ROBE sharder yet, so DMP leaves the ROBE collection
-unsharded and DDP-wraps its arrays with the MLPs: pure data parallelism. A fused update would
-skip DDP's gradient all-reduce and let the replicas drift, so with WORLD_SIZE > 1 the arrays
-always use the dense optimizer (``optimizer.sparse`` is switched to ``dense``, with a message).
+Parallelism: one process trains the plain module (no wrapper, no process group: DMP on one
+rank would only add a 1-rank DDP wrapper), with the ROBE optimizer fused into backward when
+``optimizer.sparse`` is ``fused``. With WORLD_SIZE > 1 torchrec's EmbeddingShardingPlanner plans
+the model with ``[RobeEmbeddingBagCollectionSharder(fused_params=...), *get_default_sharders()]``
+under the ``robe.sharding`` / ``robe.sharding_type`` constraints (one per ROBE group), rank 0
+prints the plan, and DistributedModelParallel shards it: table_wise / row_wise groups are updated
+by the sharder's fused optimizer (``dmp.fused_optimizer``, LR driven by the schedule), while
+data_parallel groups and the MLPs are DDP-replicated and stepped by the dense optimizer (a
+torchrec ``KeyedOptimizerWrapper``). Checkpoints hold ``dmp.state_dict()`` and
+``dmp.fused_optimizer.state_dict()`` (ShardedTensors under the unsharded keys) via DCP.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import time
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from robe_torchrec.app import checkpoint
-from robe_torchrec.app.config import TrainConfig, load_config, split_cli_overrides
+from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
 from robe_torchrec.app.data import eval_batches, train_batches
 from robe_torchrec.app.dist_env import DistEnv, setup, teardown
 from robe_torchrec.app.metrics import EvalResult, MetricsLogger, evaluate
@@ -40,8 +43,9 @@ class TrainResult:
     step: int
     last_eval: Optional[EvalResult]
     stopped_early: bool
-    model: torch.nn.Module  # unwrapped
+    model: torch.nn.Module  # unwrapped (under DMP: the sharded module tree, DMP's .module)
     config: TrainConfig
+    plan: Optional[Any] = None  # torchrec ShardingPlan (WORLD_SIZE > 1)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> "tuple[TrainConfig, bool]":
@@ -60,20 +64,111 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap(cfg: TrainConfig, env: DistEnv) -> "tuple[torch.nn.Module, torch.nn.Module]":
-    """(module to call, unwrapped module) for this world size."""
+@dataclass
+class Wrapped:
+    """The model to call, the unwrapped module, the optimizers and their base LRs."""
+
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    optimizer: Any  # dense optimizer (torch optimizer, or a torchrec KeyedOptimizerWrapper under DMP)
+    fused: Optional[Any]  # RobeFusedOptimizer (one process) or dmp.fused_optimizer; None when unused
+    base_lrs: List[float]
+    plan: Optional[Any] = None
+
+    @property
+    def optimizers(self) -> List[Any]:
+        return [self.optimizer] + ([self.fused] if self.fused is not None else [])
+
+
+def sparse_lr(cfg: TrainConfig) -> float:
+    return cfg.optimizer.sparse_lr if cfg.optimizer.sparse_lr is not None else cfg.optimizer.lr
+
+
+def sharding_constraints(cfg: TrainConfig, groups: Sequence[str]) -> "dict[str, Any]":
+    """``{group: ParameterConstraints(sharding_types=[...])}`` from ``robe.sharding`` / ``robe.sharding_type``."""
+    from torchrec.distributed.planner import ParameterConstraints
+
+    prefs = dict(cfg.robe.sharding)
+    fallback = cfg.robe.sharding_type or ("" if "default" in groups else prefs.get("default", ""))
+    dense = cfg.optimizer.sparse == "dense"
+    out = {}
+    for g in groups:
+        stype = prefs.get(g, fallback)
+        if dense and stype not in ("", "data_parallel"):
+            # A dense torch optimizer over a table/row-wise shard keeps plain per-rank state that
+            # DCP would take for replicated: only the fused optimizer's state is sharded.
+            raise ConfigError(
+                f"ROBE group {g!r}: {stype} needs optimizer.sparse=fused; with optimizer.sparse=dense "
+                "the arrays can only be data_parallel"
+            )
+        if dense:
+            stype = "data_parallel"
+        if stype:
+            out[g] = ParameterConstraints(sharding_types=[stype])
+    return out
+
+
+def wrap(cfg: TrainConfig, env: DistEnv) -> Wrapped:
+    """Build the model for this world size (plain module on one process, DMP otherwise)."""
     if env.world_size == 1:
-        # One process: no DMP. DMP needs a process group, and with no sharder for ROBE it would
-        # only add a 1-rank DDP wrapper; the plain module trains identically.
         model = build_model(cfg, env.device, fused=cfg.optimizer.sparse == "fused", for_dmp=False)
-        return model, model
-    from torchrec.distributed.model_parallel import DistributedModelParallel
+        optimizer = build_dense_optimizer(cfg.optimizer, trainable_dense_params(model))
+        fused = model.sparse_arch.embedding_bag_collection._fused_optimizer
+        base_lrs = [cfg.optimizer.lr] + ([fused.config.lr] if fused is not None else [])
+        return Wrapped(model, model, optimizer, fused, base_lrs)
+
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from robe_torchrec.sharding import RobeEmbeddingBagCollectionSharder
 
     model = build_model(cfg, env.device, fused=False, for_dmp=True)
-    dmp = DistributedModelParallel(model, device=env.device)
-    # DMP materialises the meta arrays and resets them (RobeEmbeddingBagCollection's arrays
-    # reset themselves); its DDP wrapper then starts every rank from rank 0's parameters.
-    return dmp, dmp.module
+    opt = cfg.optimizer
+    fused_params = (
+        {"optimizer": opt.fused_kind, "lr": sparse_lr(cfg), "eps": opt.eps} if opt.sparse == "fused" else None
+    )
+    dense_class = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[opt.dense]
+    sharders = [
+        RobeEmbeddingBagCollectionSharder(fused_params=fused_params, dense_optimizer_class=dense_class),
+        *get_default_sharders(),
+    ]
+    groups = list(model.sparse_arch.embedding_bag_collection.robe_configs())
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+    topology = Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=sharding_constraints(cfg, groups))
+    pg = dist.group.WORLD
+    plan = planner.collective_plan(model, sharders, pg)
+    if env.is_main:
+        print(f"sharding plan:\n{plan}")
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=env.device
+    )
+    # Dense optimizer: MLPs + data_parallel arrays (+ table/row-wise shards when not fused).
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizer = KeyedOptimizerWrapper(dense_params, lambda ps: build_dense_optimizer(opt, ps))
+    fused = dmp.fused_optimizer if dmp.fused_optimizer.params else None
+    base_lrs = [opt.lr] + ([sparse_lr(cfg)] if fused is not None else [])
+    return Wrapped(dmp, dmp.module, optimizer, fused, base_lrs, plan)
+
+
+def _maybe_fail(cfg: TrainConfig, env: DistEnv, step: int) -> None:
+    """``train.fail_at_step``: kill this worker once per run directory (restart tests)."""
+    n = cfg.train.fail_at_step
+    rank = cfg.train.fail_rank if cfg.train.fail_rank >= 0 else env.world_size - 1
+    if not n or step != n or env.rank != rank:
+        return
+    marker = os.path.join(cfg.logging.dir, f"failed_at_step_{n}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(cfg.logging.dir, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(f"rank {env.rank} exited at step {n}\n")
+    print(f"train.fail_at_step={n}: rank {env.rank} exits now (simulated worker failure)", flush=True)
+    os._exit(1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
@@ -86,20 +181,13 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
 
 
 def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
-    if env.world_size > 1 and cfg.optimizer.sparse == "fused":
-        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, sparse="dense"))
-        if env.is_main:
-            print("WORLD_SIZE > 1: ROBE arrays are data-parallel (no sharder yet); using the dense optimizer for them")
     seed_everything(cfg.train.seed)
     say = print if env.is_main else (lambda *a, **k: None)
     say(memory_report(cfg))
 
-    model, unwrapped = wrap(cfg, env)
-    optimizer = build_dense_optimizer(cfg.optimizer, trainable_dense_params(unwrapped))
-    ebc = unwrapped.sparse_arch.embedding_bag_collection
-    fused = ebc._fused_optimizer
-    optimizers: List[Any] = [optimizer] + ([fused] if fused is not None else [])
-    base_lrs = [cfg.optimizer.lr] + ([fused.config.lr] if fused is not None else [])
+    w = wrap(cfg, env)
+    model, unwrapped, optimizer, fused = w.model, w.unwrapped, w.optimizer, w.fused
+    optimizers, base_lrs = w.optimizers, w.base_lrs
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.dir, "checkpoints")
     start = 0
@@ -108,7 +196,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
         if path is None:
             say(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         else:
-            start = checkpoint.load(path, unwrapped, optimizer, fused)
+            start = checkpoint.load(path, model, optimizer, fused)
             say(f"resumed from {path} (step {start})")
 
     logger = MetricsLogger(cfg.logging.dir, env.is_main, cfg.logging.tensorboard)
@@ -139,6 +227,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
         loss.backward()  # a fused ROBE optimizer updates the arrays here
         optimizer.step()
         step += 1
+        _maybe_fail(cfg, env, step)
         running += loss.item()
         n_running += 1
 
@@ -163,7 +252,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
             cfg.checkpoint.final and (step == cfg.train.steps or stopped_early)
         ):
-            checkpoint.save(ckpt_dir, step, unwrapped, optimizer, fused, keep=cfg.checkpoint.keep)
+            checkpoint.save(ckpt_dir, step, model, optimizer, fused, keep=cfg.checkpoint.keep)
         if stopped_early:
             say(f"target AUC {cfg.train.target_auc} reached at step {step}")
             break
@@ -177,7 +266,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             f"val AUC {result.auc:.4f} logloss {result.logloss:.4f} on {result.num_samples:,} samples"
         )
     logger.close()
-    return TrainResult(step=step, last_eval=result, stopped_early=stopped_early, model=unwrapped, config=cfg)
+    return TrainResult(step=step, last_eval=result, stopped_early=stopped_early, model=unwrapped, config=cfg, plan=w.plan)
 
 
 if __name__ == "__main__":

@@ -154,24 +154,80 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, stype):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    result = train.main(tiny(out_dir, "train.steps=4", "eval.batches=1", "train.global_batch_size=128"))
-    flat = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
-    torch.save({"params": flat, "auc": result.last_eval.auc, "logloss": result.last_eval.logloss}, os.path.join(out_dir, f"rank{rank}.pt"))
+    result = train.main(tiny(out_dir, "train.steps=4", "eval.batches=1", "train.global_batch_size=128",
+                             f"robe.sharding_type={stype}"))
+    named = dict(result.model.named_parameters())
+    dense = torch.cat([p.detach().reshape(-1) for n, p in named.items() if "arrays" not in n])
+    array = next(p for n, p in named.items() if "arrays" in n).detach().clone()
+    planned = result.plan.plan["sparse_arch.embedding_bag_collection"]["default"].sharding_type
+    torch.save({"dense": dense, "array": array, "planned": planned, "auc": result.last_eval.auc,
+                "logloss": result.last_eval.logloss}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_two_ranks_gloo_agree(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("stype", ["data_parallel", "row_wise"])
+def test_two_ranks_gloo_agree(tmp_path, stype):
+    """Under DMP the MLPs are replicas; a data_parallel array too, a row_wise one is split."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), stype), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(r0["params"], r1["params"])
+    assert r0["planned"] == r1["planned"] == stype
+    assert torch.equal(r0["dense"], r1["dense"])
+    m = train.build_model(load_config(SMALL), torch.device("meta"), fused=False, for_dmp=True)
+    m = m.sparse_arch.embedding_bag_collection.robe_configs()["default"].num_elements
+    if stype == "data_parallel":
+        assert torch.equal(r0["array"], r1["array"]) and r0["array"].numel() == m
+    else:
+        assert r0["array"].numel() + r1["array"].numel() == m and r0["array"].numel() < m
     assert r0["auc"] == r1["auc"]
     assert math.isfinite(r0["logloss"]) and r0["logloss"] < 1.0  # initialised, trained arrays
+
+
+def _resume_worker(rank, world, ports, out_dir, stype):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    common = ("eval.batches=1", "train.global_batch_size=128", f"robe.sharding_type={stype}", "checkpoint.every=3")
+    results = {}
+    for name, port, steps, extra in (("full", ports[0], 6, []), ("split", ports[1], 3, []), ("split", ports[2], 6, ["--resume"])):
+        os.environ["MASTER_PORT"] = str(port)
+        r = train.main(tiny(os.path.join(out_dir, name), f"train.steps={steps}", *common) + extra)
+        results[f"{name}{steps}"] = (r.last_eval.auc, r.last_eval.logloss)
+    torch.save(results, os.path.join(out_dir, f"resume_rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("stype", ["data_parallel", "table_wise"])
+def test_two_rank_resume_matches_uninterrupted(tmp_path, stype):
+    """DCP checkpoints of DMP (dense keyed optimizer; fused state as ShardedTensors) resume exactly.
+    (row_wise: the torchx kill-and-restart test in tests/test_launch.py.)"""
+    mp.spawn(_resume_worker, args=(2, [_free_port() for _ in range(3)], str(tmp_path), stype), nprocs=2, join=True)
+    r = torch.load(tmp_path / "resume_rank0.pt")
+    assert r["split6"][0] == pytest.approx(r["full6"][0], abs=1e-6)
+    assert r["split6"][1] == pytest.approx(r["full6"][1], rel=1e-5)
+
+
+def test_sharding_constraints_from_config():
+    groups = ["small", "large"]
+    cfg = load_config(SMALL, ["robe.groups={small: 100, large: 1000}", "robe.sharding={large: row_wise, default: table_wise}"])
+    c = train.sharding_constraints(cfg, groups)
+    assert c["large"].sharding_types == ["row_wise"] and c["small"].sharding_types == ["table_wise"]
+    cfg = load_config(SMALL, ["robe.sharding={default: data_parallel}"])
+    assert train.sharding_constraints(cfg, ["default"])["default"].sharding_types == ["data_parallel"]
+    cfg = load_config(SMALL, ["robe.sharding_type=table_wise"])
+    assert train.sharding_constraints(cfg, ["default"])["default"].sharding_types == ["table_wise"]
+    assert train.sharding_constraints(load_config(SMALL), ["default"]) == {}  # the planner chooses
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(SMALL, ["robe.sharding_type=column_wise"])
+    with pytest.raises(ConfigError, match="unknown group"):
+        load_config(SMALL, ["robe.sharding={nope: row_wise}"])
+    dense = load_config(SMALL, ["optimizer.sparse=dense"])
+    assert train.sharding_constraints(dense, ["default"])["default"].sharding_types == ["data_parallel"]
+    with pytest.raises(ConfigError, match="needs optimizer.sparse=fused"):
+        train.sharding_constraints(load_config(SMALL, ["optimizer.sparse=dense", "robe.sharding_type=row_wise"]), ["default"])
 
 
 # ----- other architectures and data ---------------------------------------------------------------
@@ -207,3 +263,33 @@ def test_criteo_tsv_source(tmp_path):
         "checkpoint.every=0", "checkpoint.final=false", "train.device=cpu",
     ])
     assert result.step == 2 and result.last_eval.num_samples == 256
+
+
+def test_criteo_binary_source_and_resume(tmp_path):
+    """torchrec's preprocessed day_<i>_{dense,sparse,labels}.npy files; resume continues the batch plan."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for day, n in ((0, 700), (1, 300), (2, 600)):
+        np.save(tmp_path / f"day_{day}_dense.npy", rng.random((n, 13), dtype=np.float32))
+        np.save(tmp_path / f"day_{day}_sparse.npy", rng.integers(0, 1 << 31, (n, 26), dtype=np.int64))
+        np.save(tmp_path / f"day_{day}_labels.npy", rng.integers(0, 2, (n, 1), dtype=np.int32))
+
+    def argv(run, steps, *extra):
+        return [
+            "--config", os.path.join(ROOT, "configs", "criteo_kaggle.yaml"),
+            "--set", "data.source=criteo_binary", f"data.binary_dir={tmp_path}", "data.train_days=0,1",
+            "data.val_days=[2]", f"logging.dir={tmp_path / run}", "logging.progress=false",
+            "logging.tensorboard=false", f"train.steps={steps}", "train.global_batch_size=128",
+            "eval.batches=2", "eval.batch_size=128", "eval.every=0", "checkpoint.every=3",
+            "checkpoint.final=false", "train.device=cpu", "optimizer.warmup_steps=0", *extra,
+        ]
+
+    full = train.main(argv("full", 6))
+    assert full.step == 6 and full.last_eval.num_samples == 256
+    train.main(argv("split", 3))
+    resumed = train.main(argv("split", 6) + ["--resume"])
+    assert resumed.last_eval.logloss == pytest.approx(full.last_eval.logloss, rel=1e-5)
+    a, b = _params(full.model), _params(resumed.model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)

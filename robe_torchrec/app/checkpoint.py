@@ -10,6 +10,13 @@ Writing step N: every rank writes its DCP shards into ``step_N.tmp/``; then rank
 ``step_N/`` and atomically replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``).
 A crash at any point leaves ``latest`` naming the previous complete checkpoint; a stale
 ``step_N.tmp/`` is removed by the next save.
+
+Contents: ``model`` and ``optim`` (the dense optimizer), ``fused`` (the fused ROBE optimizer,
+when there is one) and ``progress.step``. One process (plain module, torch optimizer):
+``torch.distributed.checkpoint.state_dict.get_state_dict``. Under DistributedModelParallel (the
+dense optimizer is a torchrec ``KeyedOptimizer``): ``dmp.state_dict()`` (unsharded keys;
+ShardedTensors for table_wise / row_wise ROBE arrays), the keyed dense optimizer's state dict and
+``dmp.fused_optimizer.state_dict()`` (ShardedTensor accumulators); DCP loads them in place.
 """
 
 from __future__ import annotations
@@ -36,8 +43,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _keyed(optimizer: Any) -> bool:
+    from torchrec.optim.keyed import KeyedOptimizer
+
+    return isinstance(optimizer, KeyedOptimizer)
+
+
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fused: Optional[Any], step: int) -> Dict[str, Any]:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if _keyed(optimizer):  # DMP: torchrec state dicts (ShardedTensors under the unsharded keys)
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     state: Dict[str, Any] = {
         "model": model_sd,
         "optim": optim_sd,
@@ -110,14 +126,40 @@ def load(
     path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fused: Optional[Any] = None
 ) -> int:
     """Load checkpoint ``path`` into model and optimizers in place; returns its step."""
+    keyed = _keyed(optimizer)
+    if keyed:
+        optimizer.init_state()  # lazily created state (e.g. Adam) must exist before an in-place load
     state = _state(model, optimizer, fused, step=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load(_without_empty_shards(state), checkpoint_id=path)  # in place: shares the tensors
+    if keyed:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if fused is not None:
         fused.load_state_dict(state["fused"])
     return int(state["progress"]["step"])
+
+
+def _without_empty_shards(state: Any) -> Any:
+    """``state`` (new dicts, same tensors) minus ShardedTensors with no shard on this rank.
+
+    A table_wise array (and its fused state) has no shard on the other ranks. DCP (torch 2.13)
+    takes a requested-but-empty ShardedTensor for a sign of a pre-2.4 checkpoint, switches to the
+    old key flattening and then misses non-tensor entries such as the ROBE ``_extra_state``; such
+    a rank has nothing to read for that tensor anyway.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(state, dict):
+        return {
+            k: _without_empty_shards(v)
+            for k, v in state.items()
+            if not (isinstance(v, ShardedTensor) and not v.local_shards())
+        }
+    return state
 
 
 def list_checkpoints(directory: str) -> List[str]:

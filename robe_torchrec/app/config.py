@@ -31,7 +31,10 @@ class DataConfig:
     """Where the samples come from.
 
     ``source``: ``synthetic`` (robe_torchrec.data.synthetic, indexed by batch: exact resume),
-    ``criteo_tsv`` (``train_paths``/``val_paths``: Criteo TSV files, plain or gzip).
+    ``criteo_tsv`` (``train_paths``/``val_paths``: Criteo TSV files, plain or gzip),
+    ``criteo_binary`` (torchrec's preprocessed ``day_<i>_{dense,sparse,labels}.npy`` files in
+    ``binary_dir``: ``train_days`` for training, the first half of ``val_days[0]`` for
+    validation as torchrec's ``dlrm_main.py`` does; ``multi_hot``: ``day_<i>_sparse_multi_hot.npz``).
     ``cardinalities`` / ``pooling_factors``: per categorical feature; empty means the data
     source's default (synthetic: Criteo Kaggle capped at 100k rows, one-hot).
     """
@@ -45,6 +48,10 @@ class DataConfig:
     teacher_strength: float = 2.0
     zipf_exponent: float = 1.1
     skip_malformed: bool = False
+    binary_dir: str = ""
+    train_days: List[int] = field(default_factory=lambda: list(range(23)))
+    val_days: List[int] = field(default_factory=lambda: [23])
+    multi_hot: bool = False
 
 
 @dataclass
@@ -65,7 +72,13 @@ class RobeSection:
     """The ROBE arrays. Without ``groups`` one array (group ``default``) serves every table at
     ``compression`` (nominal elements / array elements). ``groups`` maps a group name to its own
     compression ratio and ``table_to_group`` maps table names (``t_cat_0`` ...) to groups;
-    tables not listed go to the first group."""
+    tables not listed go to the first group.
+
+    Sharding (WORLD_SIZE > 1; see docs/sharding.md): ``sharding`` maps a group name (``default``
+    for the single array) to ``data_parallel``, ``table_wise`` or ``row_wise``, handed to torchrec's
+    EmbeddingShardingPlanner as ``ParameterConstraints``; groups not listed get ``sharding_type``
+    (empty: the planner chooses). When no group is named ``default``, a ``default`` key applies
+    to every group not listed by name."""
 
     compression: float = 1000.0
     block_size: int = 16
@@ -74,13 +87,17 @@ class RobeSection:
     table_to_group: Dict[str, str] = field(default_factory=dict)
     kernel: str = "auto"
     build_on_meta: bool = True
+    sharding: Dict[str, str] = field(default_factory=dict)
+    sharding_type: str = ""
 
 
 @dataclass
 class OptimizerConfig:
     """``dense``: torch optimizer of the MLPs (``adagrad``, ``sgd``, ``adam``).
-    ``sparse``: ``fused`` (update fused into the ROBE backward; single process only) or ``dense``
-    (arrays get a gradient and join the dense optimizer: required for data-parallel training).
+    ``sparse``: ``fused`` (update fused into the ROBE backward: the plain module on one process,
+    table_wise / row_wise groups under DMP; data_parallel groups always use the dense optimizer)
+    or ``dense`` (arrays get a gradient and join the dense optimizer; under DMP this makes every
+    ROBE group data_parallel).
     ``fused_kind``: ``adagrad``, ``rowwise_adagrad`` or ``sgd``. ``sparse_lr`` null = ``lr``.
     Schedule: linear warmup over ``warmup_steps``; from ``decay_start`` the factor falls
     polynomially (``decay_power``) to ``end_lr_factor`` over ``decay_steps`` (0: no decay)."""
@@ -101,7 +118,10 @@ class OptimizerConfig:
 @dataclass
 class TrainSection:
     """``global_batch_size`` is split evenly over ranks. ``target_auc``: stop early once an
-    evaluation reaches it (null: never). ``device``: ``auto`` (cuda if available), cpu, cuda."""
+    evaluation reaches it (null: never). ``device``: ``auto`` (cuda if available), cpu, cuda.
+    ``fail_at_step`` (testing restarts; 0: never): rank ``fail_rank`` (-1: the last rank) exits
+    with status 1 right after update ``fail_at_step``, once per run directory (a marker file
+    ``<logging.dir>/failed_at_step_<N>`` records it), so a restarted job gets past it."""
 
     steps: int = 300
     global_batch_size: int = 512
@@ -109,6 +129,8 @@ class TrainSection:
     device: str = "auto"
     target_auc: Optional[float] = None
     log_every: int = 25
+    fail_at_step: int = 0
+    fail_rank: int = -1
 
 
 @dataclass
@@ -158,7 +180,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    ("data", "source"): ("synthetic", "criteo_tsv"),
+    ("data", "source"): ("synthetic", "criteo_tsv", "criteo_binary"),
     ("model", "arch"): ("dlrm", "dlrm_dcn"),
     ("robe", "kernel"): ("auto", "reference", "cpu", "triton"),
     ("optimizer", "dense"): ("adagrad", "sgd", "adam"),
@@ -338,9 +360,21 @@ def validate(cfg: TrainConfig) -> None:
     d = cfg.data
     if d.pooling_factors and d.cardinalities and len(d.pooling_factors) != len(d.cardinalities):
         raise ConfigError("data.pooling_factors needs one entry per data.cardinalities entry")
-    if d.source == "criteo_tsv" and not d.cardinalities:
-        raise ConfigError("data.cardinalities (nominal table sizes) is required for criteo_tsv")
+    if d.source in ("criteo_tsv", "criteo_binary") and not d.cardinalities:
+        raise ConfigError(f"data.cardinalities (nominal table sizes) is required for {d.source}")
+    if d.source == "criteo_binary" and (not d.train_days or not d.val_days):
+        raise ConfigError("data.train_days and data.val_days must not be empty for criteo_binary")
     if cfg.train.target_auc is not None and not 0.5 <= cfg.train.target_auc <= 1.0:
         raise ConfigError("train.target_auc must be in [0.5, 1]")
+    stypes = ("data_parallel", "table_wise", "row_wise")
+    for group, stype in list(cfg.robe.sharding.items()) + [("robe.sharding_type", cfg.robe.sharding_type or "row_wise")]:
+        if stype not in stypes:
+            raise ConfigError(f"robe sharding of {group!r}: must be one of {list(stypes)}, got {stype!r}")
+    groups = set(cfg.robe.groups) or {"default"}
+    bad = sorted(set(cfg.robe.sharding) - groups - {"default"})
+    if bad:
+        raise ConfigError(f"robe.sharding names unknown group(s) {bad}; groups are {sorted(groups)}")
+    if cfg.train.fail_at_step < 0:
+        raise ConfigError("train.fail_at_step must be >= 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")

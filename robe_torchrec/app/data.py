@@ -3,6 +3,7 @@
 Step ``s`` (0-based) of rank ``r`` of ``W`` reads synthetic batch ``s * W + r`` (per-rank batch
 size = global / W), so the data position is just the step: resume continues at the next batch.
 Criteo TSV is a stream: resume skips the batches already consumed (correct, not instant).
+torchrec's binary format is indexed by torchrec's batch plan: resume starts at the next batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterator, List
 from torchrec.datasets.utils import Batch
 
 from robe_torchrec.app.config import TrainConfig
-from robe_torchrec.data import CriteoTSVDataset, SyntheticCriteoConfig, SyntheticCriteoDataset
+from robe_torchrec.data import BinaryCriteoDataset, CriteoTSVDataset, SyntheticCriteoConfig, SyntheticCriteoDataset
 from robe_torchrec.data.synthetic import DEFAULT_CARDINALITIES
 
 # Validation batches start far past any training index, so they never overlap training data.
@@ -50,6 +51,10 @@ def train_batches(cfg: TrainConfig, start_step: int, rank: int, world_size: int)
             rank=rank, world_size=world_size,
         )
         return iter(ds)
+    if cfg.data.source == "criteo_binary":
+        ds = _binary(cfg, cfg.data.train_days, bs, "train", rank, world_size)
+        ds.plan = ds.plan[start_step:]  # resume: torchrec's batch plan is indexed by batch
+        return iter(ds)
     if not cfg.data.train_paths:
         raise ValueError("data.source criteo_tsv needs data.train_paths (e.g. --data.train_paths /data/train.txt)")
     ds = CriteoTSVDataset(
@@ -67,9 +72,20 @@ def eval_batches(cfg: TrainConfig) -> List[Batch]:
             synthetic_config(cfg), bs, num_batches=n, first_batch=EVAL_FIRST_BATCH, rank=0, world_size=1
         )
         return list(ds)
+    if cfg.data.source == "criteo_binary":
+        return list(itertools.islice(iter(_binary(cfg, cfg.data.val_days, bs, "val", 0, 1)), n))
     if not cfg.data.val_paths:
         raise ValueError("data.source criteo_tsv needs data.val_paths (e.g. --data.val_paths /data/val.txt)")
     ds = CriteoTSVDataset(
         cfg.data.val_paths, bs, skip_malformed=cfg.data.skip_malformed, rank=0, world_size=1
     )
     return list(itertools.islice(iter(ds), n))
+
+
+def _binary(cfg: TrainConfig, days: List[int], bs: int, stage: str, rank: int, world_size: int) -> BinaryCriteoDataset:
+    if not cfg.data.binary_dir:
+        raise ValueError("data.source criteo_binary needs data.binary_dir (torchrec's day_<i>_*.npy files)")
+    return BinaryCriteoDataset.from_directory(
+        cfg.data.binary_dir, days, bs, multi_hot=cfg.data.multi_hot, stage=stage,
+        drop_last=stage == "train", rank=rank, world_size=world_size,
+    )

@@ -33,7 +33,18 @@ def setup(device_choice: str = "auto") -> DistEnv:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        else:
+            # Under torchrun the workers of every restart share the agent's store: keep each
+            # attempt's keys apart, or a restarted rank can read a dead peer's address.
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://", rank, world))
+            store = dist.PrefixStore(f"robe_torchrec/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 

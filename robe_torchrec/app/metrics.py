@@ -54,11 +54,12 @@ class MetricsLogger:
             return
         os.makedirs(directory, exist_ok=True)
         self.csv_path = os.path.join(directory, "metrics.csv")
-        new = not os.path.exists(self.csv_path)
+        new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
         self._file = open(self.csv_path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
         if new:
             self._writer.writeheader()
+            self._file.flush()  # a worker killed before its first row still leaves the header
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,66 @@
+"""Levers for ROBE's accuracy at a fixed budget: the array's lr, init range and optimizer.
+
+``python -m robe_torchrec.bench.quality_levers [quality flags] --variants NAME=FLAGS;...`` generates
+the same data as ``robe_torchrec.bench.quality`` (same flags, same seeds) once, then trains ROBE
+(``--robe-ratios``, ``--block-sizes``, ``--seeds``) once per variant, each variant's flags applied on
+top of the common ones, e.g.::
+
+    python -m robe_torchrec.bench.quality_levers --samples 1048576 --seeds 1 --robe-ratios 1000 \\
+        --block-sizes 1 --variants "lr0.1=--robe-lr 0.1;init0.01=--robe-init 0.01"
+
+Results go to ``<out>/<tag>_results.json`` (one row per run, with the variant name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+from torchmetrics.functional.classification import binary_auroc
+
+from robe_torchrec.bench import quality as q
+from robe_torchrec.data.synthetic import SyntheticCriteoConfig, SyntheticCriteoGenerator, make_tables
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--variants", required=True)
+    ours, rest = p.parse_known_args(argv)
+    variants = [v.split("=", 1) for v in ours.variants.split(";") if v.strip()]
+    base = q.parse_args(rest + ["--methods", "robe"])
+    cards = q.cardinalities(base)
+    config = SyntheticCriteoConfig(cardinalities=cards, seed=base.data_seed)
+    gen = SyntheticCriteoGenerator(config)
+    tables = make_tables(config, base.dim)
+    rng = np.random.default_rng([base.data_seed, 0x9E])
+    perms = [rng.permutation(c) for c in cards]
+    train = q.generate(gen, perms, 0, base.samples, base.batch_size)
+    test = q.generate(gen, perms, q.EVAL_FIRST_BATCH, base.eval_samples, 8192)
+    teacher_auc = binary_auroc(test.teacher.double(), test.labels.long()).item()
+    print(f"teacher AUC {teacher_auc:.4f}", flush=True)
+    os.makedirs(base.out, exist_ok=True)
+    path = os.path.join(base.out, f"{base.tag}_results.json")
+    rows: List[dict] = []
+    for name, flags in variants:
+        args = q.parse_args(rest + ["--methods", "robe"] + shlex.split(flags))
+        for spec in q.run_specs(args):
+            t0 = time.perf_counter()
+            r = q.run_one(spec, tables, train, test, gen.keys, args)
+            r.update(variant=name, flags=flags, teacher_auc=teacher_auc)
+            rows.append(r)
+            with open(path, "w") as f:
+                json.dump(rows, f, indent=1)
+            print(f"{name:14s} {spec.key:22s} AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

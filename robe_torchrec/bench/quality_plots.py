@@ -1,0 +1,97 @@
+"""Plots of ``robe_torchrec.bench.quality`` results (matplotlib, headless).
+
+``python -m robe_torchrec.bench.quality_plots docs/img/quality_results.json`` redraws them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_STYLE = {"hash": ("tab:gray", "s"), "qr": ("tab:brown", "D")}
+_ROBE_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+
+
+def _styles(methods: List[str]) -> Dict[str, tuple]:
+    styles = dict(_STYLE)
+    robe = sorted((m for m in methods if m.startswith("robe")), key=lambda m: int(m.split("Z")[1]))
+    for i, m in enumerate(robe):
+        styles[m] = (_ROBE_COLORS[i % len(_ROBE_COLORS)], "o")
+    return styles
+
+
+def plot_all(results_json: str, prefix: str) -> List[str]:
+    with open(results_json) as f:
+        data = json.load(f)
+    meta, runs, summary = data["meta"], data["runs"], data["summary"]
+    methods = sorted({s["method"] for s in summary})
+    styles = _styles(methods)
+    teacher = meta["teacher_auc"]
+    full = [s for s in summary if s["family"] == "full"]
+    paths = []
+
+    # AUC vs memory
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in methods:
+        if m == "full":
+            continue
+        pts = sorted((s for s in summary if s["method"] == m), key=lambda s: s["memory_bytes"])
+        color, marker = styles[m]
+        ax.errorbar([s["memory_bytes"] for s in pts], [s["auc_mean"] for s in pts],
+                    yerr=[s["auc_std"] for s in pts], color=color, marker=marker, capsize=3, label=m)
+    if full:
+        ax.errorbar([full[0]["memory_bytes"]], [full[0]["auc_mean"]], yerr=[full[0]["auc_std"]],
+                    color="black", marker="*", markersize=12, capsize=3, linestyle="none", label="full tables")
+        ax.axhline(full[0]["auc_mean"], color="black", lw=0.8, ls=":")
+    ax.axhline(teacher, color="black", lw=1.0, ls="--", label=f"teacher (ceiling) {teacher:.4f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding memory (bytes, log scale)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"AUC vs embedding memory ({meta['total_rows']:,} rows, D={meta['command_args']['dim']}, "
+                 f"{runs[0]['samples']:,} samples)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = prefix + "_auc_vs_memory.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    # AUC vs training samples at 1000x (or the largest ratio every baseline ran at)
+    ratios = sorted({r["ratio"] for r in runs if r["family"] != "full"})
+    target = 1000.0 if 1000.0 in ratios else (max(ratios) if ratios else None)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m and (r["family"] == "full" or r["ratio"] == target)]
+        if not rs or not rs[0]["curve"]:
+            continue
+        xs = [x for x, _ in rs[0]["curve"]]
+        ys = [statistics.fmean(r["curve"][i][1] for r in rs if len(r["curve"]) > i) for i in range(len(xs))]
+        color, marker = ("black", "*") if m == "full" else styles[m]
+        ax.plot(xs, ys, color=color, marker=marker, label="full tables" if m == "full" else m)
+    ax.axhline(teacher, color="black", lw=1.0, ls="--", label="teacher (ceiling)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples (log scale)")
+    ax.set_ylabel(f"AUC on {meta['command_args']['curve_eval_samples']:,} test samples")
+    ax.set_title(f"Learning curves at {target:g}x compression (full tables for reference)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = prefix + "_auc_vs_samples.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    src = sys.argv[1] if len(sys.argv) > 1 else "docs/img/quality_results.json"
+    for p in plot_all(src, src[: -len("_results.json")]):
+        print(p)

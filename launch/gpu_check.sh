@@ -4,7 +4,7 @@
 # Writes logs under $OUT (or ./gpu_check_out) and prints a short summary last.
 #
 #   Here:  python3 -m pip download ... -d .whl torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.11.0 \
-#            pyvers==0.2.2 orjson importlib_metadata iopath      (see docs/gpu.md)
+#            pyvers==0.2.2 orjson importlib_metadata iopath      (results: docs/benchmarks.md)
 #   There: bash launch/gpu_check.sh            (the device tool carries .whl)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -68,6 +68,7 @@ def test_qr_is_collision_free_and_baselines_keep_the_ebc_interface():
         assert torch.unique(digits, dim=0).shape[0] == 1000
 
 
+@pytest.mark.slow
 def test_quick_benchmark_every_method_learns(tmp_path):
     from robe_torchrec.bench import quality
 
@@ -85,6 +86,7 @@ def test_quick_benchmark_every_method_learns(tmp_path):
     assert (tmp_path / "quality_results.csv").exists()
 
 
+@pytest.mark.slow
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from robe_torchrec.bench import quality

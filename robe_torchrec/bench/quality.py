@@ -453,4 +453,7 @@ def _main(args: argparse.Namespace) -> Dict:
 
 
 if __name__ == "__main__":
+    from robe_torchrec.quiet import silence_fx_tracing_notice
+
+    silence_fx_tracing_notice()
     main()

@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from robe_torchrec.app import checkpoint as ckpt
 from robe_torchrec.app.config import TrainConfig, load_config, split_cli_overrides
 from robe_torchrec.app.data import eval_batches
-from robe_torchrec.app.metrics import evaluate as evaluate_batches
+from robe_torchrec.app.metrics import evaluate_batches
 from robe_torchrec.app.model import build_model
 
 

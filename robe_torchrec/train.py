@@ -33,7 +33,7 @@ from robe_torchrec.app import checkpoint
 from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
 from robe_torchrec.app.data import eval_batches, train_batches
 from robe_torchrec.app.dist_env import DistEnv, setup, teardown
-from robe_torchrec.app.metrics import EvalResult, MetricsLogger, evaluate
+from robe_torchrec.app.metrics import EvalResult, MetricsLogger, evaluate_batches
 from robe_torchrec.app.model import build_model, memory_report
 from robe_torchrec.app.optim import build_dense_optimizer, lr_factor, set_lr, trainable_dense_params
 
@@ -242,7 +242,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             progress.update(1)
 
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-            result = evaluate(model, val, env.device)
+            result = evaluate_batches(model, val, env.device)
             logger.log(step, "eval", auc=result.auc, logloss=result.logloss, elapsed_s=time.perf_counter() - t0)
             if progress is None:
                 say(f"step {step}: val AUC {result.auc:.4f} logloss {result.logloss:.4f}")

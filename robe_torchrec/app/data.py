@@ -16,10 +16,7 @@ from torchrec.datasets.utils import Batch
 
 from robe_torchrec.app.config import TrainConfig
 from robe_torchrec.data import BinaryCriteoDataset, CriteoTSVDataset, SyntheticCriteoConfig, SyntheticCriteoDataset
-from robe_torchrec.data.synthetic import DEFAULT_CARDINALITIES
-
-# Validation batches start far past any training index, so they never overlap training data.
-EVAL_FIRST_BATCH = 1_000_000_000
+from robe_torchrec.data.synthetic import DEFAULT_CARDINALITIES, EVAL_FIRST_BATCH
 
 
 def synthetic_config(cfg: TrainConfig) -> SyntheticCriteoConfig:

@@ -21,7 +21,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device) -> EvalResult:
+def evaluate_batches(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device) -> EvalResult:
     """AUC and log loss of ``model`` (DLRM-style forward(dense, sparse) -> logits) on ``batches``."""
     was_training = model.training
     model.eval()

@@ -53,13 +53,13 @@ from robe_torchrec.bench.baselines import (
 from robe_torchrec.config import full_table_elements
 from robe_torchrec.data.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
+    EVAL_FIRST_BATCH,
     SyntheticCriteoConfig,
     SyntheticCriteoGenerator,
     make_tables,
 )
 from robe_torchrec.optim import RobeFusedOptimizerConfig, state_numel
 
-EVAL_FIRST_BATCH = 1_000_000_000  # held-out batches start far past any training index
 DEFAULT_OUT = os.path.join("docs", "img")
 WARMUP_STEPS = 3
 
@@ -229,7 +229,7 @@ def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argp
 
 
 @torch.no_grad()
-def evaluate(model: DLRM, split: Split, keys: List[str], vocab: bool, limit: Optional[int] = None,
+def score_split(model: DLRM, split: Split, keys: List[str], vocab: bool, limit: Optional[int] = None,
              chunk: int = 8192) -> Tuple[float, float]:
     model.eval()
     n = len(split) if limit is None else min(limit, len(split))
@@ -293,11 +293,11 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
             train_time += time.perf_counter() - t0
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{spec.key}: loss is {loss.item()} at step {step}")
-            auc_c, _ = evaluate(model, test, keys, vocab, limit=args.curve_eval_samples)
+            auc_c, _ = score_split(model, test, keys, vocab, limit=args.curve_eval_samples)
             curve.append((seen, auc_c))
             t0 = time.perf_counter()
     train_time += time.perf_counter() - t0
-    auc, logloss = evaluate(model, test, keys, vocab)
+    auc, logloss = score_split(model, test, keys, vocab)
     return {
         "key": spec.key, "method": spec.name, "family": spec.method, "ratio": spec.ratio,
         "block_size": spec.block_size, "seed": spec.seed, "auc": auc, "logloss": logloss,

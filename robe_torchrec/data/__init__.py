@@ -12,6 +12,7 @@ from robe_torchrec.data.criteo_binary import BinaryCriteoDataset, batch_plan, bi
 from robe_torchrec.data.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
     DEFAULT_CARDINALITIES,
+    EVAL_FIRST_BATCH,
     SyntheticCriteoConfig,
     SyntheticCriteoDataset,
     SyntheticCriteoGenerator,
@@ -25,6 +26,7 @@ __all__ = [
     "CRITEO_KAGGLE_CARDINALITIES",
     "CriteoTSVDataset",
     "DEFAULT_CARDINALITIES",
+    "EVAL_FIRST_BATCH",
     "SyntheticCriteoConfig",
     "SyntheticCriteoDataset",
     "SyntheticCriteoGenerator",

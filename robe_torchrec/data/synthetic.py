@@ -49,6 +49,10 @@ CRITEO_KAGGLE_CARDINALITIES: Tuple[int, ...] = (
 # full-table baseline fits a laptop (about 850k rows in all).
 DEFAULT_CARDINALITIES: Tuple[int, ...] = tuple(min(c, 100_000) for c in CRITEO_KAGGLE_CARDINALITIES)
 
+#: First batch index of held-out (validation / test) synthetic batches: far past any training
+#: index, so no number of training steps makes them overlap. The one definition (app, bench, examples).
+EVAL_FIRST_BATCH = 1_000_000_000
+
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
 _M1 = 0xBF58476D1CE4E5B9  # splitmix64 finaliser constants

@@ -122,4 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
 
 
 if __name__ == "__main__":
+    from robe_torchrec.quiet import silence_fx_tracing_notice
+
+    silence_fx_tracing_notice()
     main()

@@ -270,4 +270,7 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
 
 
 if __name__ == "__main__":
+    from robe_torchrec.quiet import silence_fx_tracing_notice
+
+    silence_fx_tracing_notice()
     main()

@@ -1,0 +1,196 @@
+"""Serving: QuantRobeEmbeddingBagCollection (int8 / bf16 / fp16 / fp32 arrays) against slow per-element
+math on the array it stands for, torchrec's quantize_inference_model, fx + TorchScript, torch.export
+with dynamic shapes, and an exported artifact loaded in a fresh process."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import PoolingType
+
+from robe_torchrec import RobeConfig, RobeEmbeddingBagCollection
+from robe_torchrec.modules.quant_robe_embedding_bag_collection import (
+    QuantRobeEmbeddingBagCollection,
+    robe_quantization_mapping,
+)
+from robe_torchrec.ops.stored_lookup import dequantize_rowwise_int8, quantize_rowwise_int8
+from tests.slow_reference import bags_of, pooled_slow, weights_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORAGES = ["float32", "bfloat16", "float16", "int8"]
+
+
+def _two_group_ebc(weighted: bool = False) -> RobeEmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=100, feature_names=["f1", "f2"],
+                           pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=100, feature_names=["f3"]),
+    ]
+    robe = {"a": RobeConfig(num_elements=101, block_size=4, seed=3), "b": RobeConfig(num_elements=77, block_size=8, seed=1)}
+    ebc = RobeEmbeddingBagCollection(tables, robe, table_to_group={"t0": "a", "t1": "b", "t2": "a"},
+                                     is_weighted=weighted, kernel="reference")
+    with torch.no_grad():  # values of several magnitudes, so int8 rows have different scales
+        for p in ebc.arrays.values():
+            p.copy_(torch.randn(p.numel(), generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    return ebc
+
+
+def _kjt(batch: int, weighted: bool, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (4 * batch,), generator=g)
+    n = int(lengths.sum())
+    return KeyedJaggedTensor.from_lengths_sync(
+        ["f0", "f1", "f2", "f3"], torch.randint(-(2**40), 2**40, (n,), generator=g), lengths,
+        weights=torch.rand(n, generator=g) if weighted else None,
+    )
+
+
+def _stood_for(quant: QuantRobeEmbeddingBagCollection, group: int) -> torch.Tensor:
+    """The float32 array that a stored group stands for (dequantised int8, or the upcast floats)."""
+    lo, m, z, r = (quant._group_data_offsets[group], quant._group_elements[group],
+                   quant._group_block_sizes[group], quant._group_row_offsets[group])
+    data = quant.data[lo : lo + m]
+    if quant.storage == "int8":
+        return dequantize_rowwise_int8(data, quant.scale_bias[r : r + (m + z - 1) // z], z)
+    return data.float()
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_stored_lookup_matches_slow_math_on_the_array_it_stands_for(storage: str, batch: int) -> None:
+    ebc = _two_group_ebc(weighted=True)
+    quant = QuantRobeEmbeddingBagCollection.from_float(ebc, storage=storage)
+    kjt = _kjt(batch, weighted=True, seed=batch)
+    out = quant(kjt)
+    assert out.keys() == ebc(kjt).keys()
+    cols = []
+    tables = {t.name: t for t in ebc.embedding_bag_configs()}
+    for t_name, feature, group in [("t0", "f0", 0), ("t1", "f1", 1), ("t1", "f2", 1), ("t2", "f3", 0)]:
+        t, cfg = tables[t_name], quant.robe_configs()[quant._groups[group]]
+        spec = {"table": t_name, "dim": t.embedding_dim, "mean": t.pooling == PoolingType.MEAN,
+                "ids": bags_of(kjt, feature), "weights": weights_of(kjt, feature)}
+        cols.append(pooled_slow(_stood_for(quant, group), cfg.seed, cfg.block_size, [spec], batch))
+    expected = torch.cat(cols, dim=1)
+    # float32 accumulation of exactly representable stored values: only summation-order rounding
+    torch.testing.assert_close(out.values().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_rowwise_quantization_error_is_within_half_a_step() -> None:
+    x = torch.randn(1003, generator=torch.Generator().manual_seed(0))
+    for z in (1, 4, 32):
+        q, sb = quantize_rowwise_int8(x, z)
+        assert q.dtype == torch.uint8 and sb.shape == ((1003 + z - 1) // z, 2)
+        err = (dequantize_rowwise_int8(q, sb, z) - x).abs()
+        step = sb[:, 0].repeat_interleave(z)[:1003]
+        assert bool((err <= step / 2 + 1e-6).all()), float((err - step / 2).max())
+    const = torch.full((8,), 0.25)
+    q, sb = quantize_rowwise_int8(const, 4)  # a constant row is exact (scale 0)
+    assert torch.equal(dequantize_rowwise_int8(q, sb, 4), const)
+
+
+def _dlrm(ebc: RobeEmbeddingBagCollection) -> DLRM:
+    torch.manual_seed(0)
+    return DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 8],
+                over_arch_layer_sizes=[8, 1])
+
+
+def _uniform_ebc() -> RobeEmbeddingBagCollection:
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=1000, feature_names=[f"f{i}"])
+              for i in range(4)]
+    return RobeEmbeddingBagCollection(tables, RobeConfig.from_compression(tables, ratio=10, block_size=4, seed=5))
+
+
+def _inputs(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, generator=g), _kjt(batch, weighted=False, seed=seed)
+
+
+def test_quantize_inference_model_converts_robe_and_scripts_after_fx() -> None:
+    from torchrec.fx import symbolic_trace
+    from torchrec.inference.modules import quantize_inference_model
+
+    model = _dlrm(_uniform_ebc()).eval()
+    quant = quantize_inference_model(copy.deepcopy(model), quantization_mapping=robe_quantization_mapping())
+    qebc = quant.sparse_arch.embedding_bag_collection
+    assert isinstance(qebc, QuantRobeEmbeddingBagCollection) and qebc.storage == "int8"
+    assert qebc.data.dtype == torch.uint8
+    dense, kjt = _inputs(6, 0)
+    with torch.no_grad():
+        float_out, quant_out = model(dense, kjt), quant(dense, kjt)
+    # int8 rows of ~1e-2 magnitude: errors of ~1e-5 per element, far below the logits' scale
+    torch.testing.assert_close(quant_out, float_out, rtol=0, atol=1e-3)
+    traced = symbolic_trace(quant)
+    scripted = torch.jit.script(traced)
+    for b, s in ((6, 0), (2, 1)):
+        dense, kjt = _inputs(b, s)
+        torch.testing.assert_close(scripted(dense, kjt), quant(dense, kjt), rtol=0, atol=0)
+
+
+def test_loading_another_layout_is_refused() -> None:
+    quant = QuantRobeEmbeddingBagCollection.from_float(_uniform_ebc())
+    tables = quant.embedding_bag_configs()
+    other = QuantRobeEmbeddingBagCollection.from_float(
+        RobeEmbeddingBagCollection(tables, RobeConfig.from_compression(tables, ratio=10, block_size=4, seed=6))
+    )
+    with pytest.raises(ValueError, match="different layout"):
+        other.load_state_dict(quant.state_dict())
+
+
+def test_export_with_dynamic_shapes_and_reload_in_a_fresh_process(tmp_path) -> None:
+    from torchrec.inference.modules import quantize_inference_model
+
+    from robe_torchrec.export import export_model, load_exported, robe_layouts, save_exported
+
+    model = quantize_inference_model(_dlrm(_uniform_ebc()).eval(), quantization_mapping=robe_quantization_mapping())
+    program = export_model(model, _inputs(5, 0))
+    for b, s in ((5, 0), (9, 1), (1, 2)):  # other batch sizes and id counts than the example
+        dense, kjt = _inputs(b, s)
+        torch.testing.assert_close(program.module()(dense, kjt), model(dense, kjt), rtol=0, atol=0)
+    path = str(tmp_path / "model.pt2")
+    save_exported(program, path)
+    dense, kjt = _inputs(7, 3)
+    torch.save({"dense": dense, "values": kjt.values(), "lengths": kjt.lengths(), "eager": model(dense, kjt)},
+               tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from torchrec import KeyedJaggedTensor
+        from robe_torchrec.export import load_exported
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2", "f3"], io["values"], io["lengths"])
+        out = load_exported({path!r}).module()(io["dense"], kjt)
+        assert torch.equal(out, io["eager"]), (out - io["eager"]).abs().max()
+        import sys
+        assert "robe_torchrec.train" not in sys.modules and "robe_torchrec.app" not in sys.modules
+        print("fresh process OK")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "fresh process OK" in run.stdout, run.stderr[-3000:]
+    # the artifact carries its layout: serving it under another one is refused
+    layout = robe_layouts(model)
+    assert load_exported(path, expected_layout=layout) is not None
+    other = {k: [dict(g, seed=g["seed"] + 1) for g in v] for k, v in layout.items()}
+    with pytest.raises(ValueError, match="expected"):
+        load_exported(path, expected_layout=other)
+
+
+@pytest.mark.slow
+def test_int8_model_loses_at_most_0_001_auc_on_the_planted_benchmark() -> None:
+    from robe_torchrec.bench.serving import main
+
+    rows = {r["format"].split(" (")[0]: r for r in main(["--config", os.path.join(ROOT, "configs", "synthetic_small.yaml"),
+                                                         "--steps", "150", "--iters", "1"])}
+    fp32 = rows["ROBE fp32"]["auc"]
+    assert fp32 > 0.7  # it learned: the comparison means something
+    assert rows["QuantRobe float32"]["auc"] == pytest.approx(fp32, abs=1e-6)
+    for storage in ("bfloat16", "float16", "int8"):
+        assert abs(rows[f"QuantRobe {storage}"]["auc"] - fp32) <= 0.001, (storage, rows)
+    assert rows["QuantRobe int8"]["embedding_bytes"] < 0.45 * rows["ROBE fp32"]["embedding_bytes"]

@@ -253,7 +253,7 @@ def bench_torch_bag(shape, ids, offsets, iters, warmup, device) -> List[dict]:
 
 def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument("--shapes", default="a,b,c", help="comma-separated subset of a,b,c,m (m: MLPerf DLRMv2 tables, multi-hot)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--ratio", type=int, default=1000, help="full-table elements / ROBE array elements")

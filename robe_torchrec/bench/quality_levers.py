@@ -8,7 +8,8 @@ top of the common ones, e.g.::
     python -m robe_torchrec.bench.quality_levers --samples 1048576 --seeds 1 --robe-ratios 1000 \\
         --block-sizes 1 --variants "lr0.1=--robe-lr 0.1;init0.01=--robe-init 0.01"
 
-Results go to ``<out>/<tag>_results.json`` (one row per run, with the variant name).
+Results go to ``<out>/<tag>_results.json`` (one row per run, with the variant name; ``--tag``
+defaults to ``quality_levers`` here, so the main benchmark's results are never overwritten).
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ from robe_torchrec.data.synthetic import SyntheticCriteoConfig, SyntheticCriteoG
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--variants", required=True)
+    p = argparse.ArgumentParser(add_help=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", required=True, help='"NAME=FLAGS;NAME=FLAGS" (flags of bench.quality)')
+    if "-h" in argv or "--help" in argv:
+        p.print_help()
+        print("\nevery other flag is robe_torchrec.bench.quality's (python -m robe_torchrec.bench.quality --help)")
+        return []
     ours, rest = p.parse_known_args(argv)
+    if "--tag" not in rest:  # never overwrite the main benchmark's quality_results.json
+        rest += ["--tag", "quality_levers"]
     variants = [v.split("=", 1) for v in ours.variants.split(";") if v.strip()]
     base = q.parse_args(rest + ["--methods", "robe"])
     cards = q.cardinalities(base)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from typing import Dict, List
 
 import matplotlib
@@ -92,6 +91,12 @@ def plot_all(results_json: str, prefix: str) -> List[str]:
 
 
 if __name__ == "__main__":
-    src = sys.argv[1] if len(sys.argv) > 1 else "docs/img/quality_results.json"
+    import argparse
+
+    cli = argparse.ArgumentParser(description="Redraw the quality plots from a <prefix>_results.json file.")
+    cli.add_argument("results", nargs="?", default="docs/img/quality_results.json")
+    src = cli.parse_args().results
+    if not src.endswith("_results.json"):
+        cli.error(f"expected a <prefix>_results.json file, got {src!r}")
     for p in plot_all(src, src[: -len("_results.json")]):
         print(p)

@@ -135,6 +135,15 @@ def test_quantize_inference_model_converts_robe_and_scripts_after_fx() -> None:
         torch.testing.assert_close(scripted(dense, kjt), quant(dense, kjt), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype,storage", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16"), (torch.qint8, "int8")])
+def test_quantize_inference_model_dtype_selects_the_storage(dtype: torch.dtype, storage: str) -> None:
+    from torchrec.inference.modules import quantize_inference_model
+
+    quant = quantize_inference_model(_dlrm(_uniform_ebc()).eval(), quantization_mapping=robe_quantization_mapping(),
+                                     quantization_dtype=dtype)
+    assert quant.sparse_arch.embedding_bag_collection.storage == storage
+
+
 def test_loading_another_layout_is_refused() -> None:
     quant = QuantRobeEmbeddingBagCollection.from_float(_uniform_ebc())
     tables = quant.embedding_bag_configs()

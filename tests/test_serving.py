@@ -203,3 +203,22 @@ def test_int8_model_loses_at_most_0_001_auc_on_the_planted_benchmark() -> None:
     for storage in ("bfloat16", "float16", "int8"):
         assert abs(rows[f"QuantRobe {storage}"]["auc"] - fp32) <= 0.001, (storage, rows)
     assert rows["QuantRobe int8"]["embedding_bytes"] < 0.45 * rows["ROBE fp32"]["embedding_bytes"]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_cpu_kernel_reads_every_storage_like_slow_math(storage: str, monkeypatch) -> None:
+    """One array, one dim: the op takes the C++ kernel (pooled_forward_stored); MEAN and SUM tables."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=50, feature_names=[f"f{i}"],
+                                 pooling=PoolingType.MEAN if i % 2 else PoolingType.SUM) for i in range(4)]
+    ebc = RobeEmbeddingBagCollection(tables, RobeConfig(num_elements=61, block_size=4, seed=9), kernel="reference")
+    with torch.no_grad():
+        ebc.arrays["default"].copy_(torch.randn(61, generator=torch.Generator().manual_seed(1)))
+    quant = QuantRobeEmbeddingBagCollection.from_float(ebc, storage=storage)
+    kjt = _kjt(5, weighted=False, seed=7)
+    fast = quant(kjt).values()
+    specs = [{"table": f"t{i}", "dim": 8, "mean": bool(i % 2), "ids": bags_of(kjt, f"f{i}"), "weights": None}
+             for i in range(4)]
+    expected = pooled_slow(_stood_for(quant, 0), 9, 4, specs, 5)
+    torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("ROBE_STORED_LOOKUP_REFERENCE", "1")
+    torch.testing.assert_close(quant(kjt).values(), fast, rtol=1e-6, atol=1e-7)

@@ -14,12 +14,16 @@ Every format is read with float32 accumulation; a block starting at an unaligned
 rows' scales, which is why the scale is indexed per element. The op (``robe::pooled_lookup_stored``)
 has a fake kernel (output shape from input shapes only: batch = lengths.numel() / F), so
 ``torch.export`` with dynamic batch and id counts, ``torch.compile`` and ``torch.jit.script`` see
-one opaque node. Its implementation is the vectorised reference math of ``ops.reference`` (the
-same hash); fast C++ / Triton reads of these formats are follow-up work.
+one opaque node. On CPU, when every feature reads one array with one dim (DLRM-style models), it
+runs the C++ kernel's forward on the stored format (``pooled_forward_stored``: the same hash and
+summation order as the float kernel); otherwise, and on CUDA, the vectorised PyTorch math below
+(``ROBE_STORED_LOOKUP_REFERENCE=1`` forces it, for tests). A Triton read of these formats is
+follow-up work.
 """
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -65,6 +69,15 @@ def dequantize_rowwise_int8(data: torch.Tensor, scale_bias: torch.Tensor, block_
     return data.float() * sb[:, 0] + sb[:, 1]
 
 
+def _cpu_kernel_ready(data: torch.Tensor) -> bool:
+    """The C++ kernel serves CPU arrays when it builds (else the PyTorch math below does)."""
+    if data.device.type != "cpu" or os.environ.get("ROBE_STORED_LOOKUP_REFERENCE") == "1":
+        return False
+    from robe_torchrec.ops import cpu
+
+    return cpu.is_available()
+
+
 def _read(data: torch.Tensor, scale_bias: Optional[torch.Tensor], elements: torch.Tensor, block_size: int) -> torch.Tensor:
     """float32 values of array positions ``elements`` (any shape) in the stored format."""
     values = data[elements].float()
@@ -102,6 +115,18 @@ def pooled_lookup_stored(
     batch = lengths.numel() // max(num_features, 1)
     lengths = lengths.to(torch.int64)
     ids = ids.to(torch.int64)
+    if num_features and len(set(zip(feature_groups, dims))) == 1 and _cpu_kernel_ready(data):
+        # one array, one dim (DLRM-style models): the C++ kernel reads the stored format directly
+        from robe_torchrec.ops.cpu import load_extension
+
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        g, z = feature_groups[0], group_block_sizes[feature_groups[0]]
+        lo, m = group_data_offsets[g], group_elements[g]
+        sb = None if scale_bias is None else scale_bias[group_row_offsets[g] : group_row_offsets[g] + (m + z - 1) // z]
+        return load_extension().pooled_forward_stored(
+            data[lo : lo + m], sb, ids, offsets, hash_keys, mean.to(torch.bool), weights, batch, dims[0], z
+        )
     bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=ids.numel())
     feature_of = bag_of // max(batch, 1)
     scale = torch.where(

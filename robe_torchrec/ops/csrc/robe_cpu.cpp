@@ -209,17 +209,31 @@ int thread_count() { return std::max(1, at::get_num_threads()); }
 // Forward: one bag per iteration; each bag's D output floats are written by exactly one thread.
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, const at::Tensor& offsets,
-                          const at::Tensor& hash_keys, const at::Tensor& mean,
-                          const std::optional<at::Tensor>& per_sample_weights, int64_t batch_size, int64_t dim,
-                          int64_t block_size) {
-  check_float_array(array, "array");
-  TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
-  const Problem p = make_problem(array.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
-                                 dim, block_size);
-  const at::Tensor arr = array.contiguous();
-  const float* M = arr.data_ptr<float>();
-  at::Tensor out = at::empty({p.B, p.F * p.D}, array.options());
+// Array readers: element e of the stored array as float. The float32 training array, and the
+// serving formats of robe_torchrec/ops/stored_lookup.py (bf16 / fp16, and int8 codes with one
+// float32 (scale, bias) per aligned Z-element row: value = code * scale[e / Z] + bias[e / Z]).
+struct FloatReader {
+  const float* M;
+  float operator()(int64_t e) const { return M[e]; }
+};
+template <typename T>
+struct HalfReader {  // at::BFloat16 or at::Half, upcast to float
+  const T* M;
+  float operator()(int64_t e) const { return static_cast<float>(M[e]); }
+};
+struct Int8RowwiseReader {
+  const uint8_t* Q;
+  const float* SB;  // [rows, 2]: scale, bias
+  int64_t Z;
+  float operator()(int64_t e) const {
+    const int64_t r = e / Z;
+    return static_cast<float>(Q[e]) * SB[2 * r] + SB[2 * r + 1];
+  }
+};
+
+template <typename Reader>
+at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::TensorOptions& out_options) {
+  at::Tensor out = at::empty({p.B, p.F * p.D}, out_options.dtype(at::kFloat));
   float* O = out.data_ptr<float>();
   const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, p.num_blocks);
   const FastDivMod mod_m(static_cast<uint64_t>(p.m));
@@ -245,13 +259,12 @@ at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, co
           float* dst = acc + c * Z;
           // A block is Z contiguous elements, wrapping from the end of the array to its start.
           const int64_t first = std::min(Z, m - s);
-          const float* src = M + s;
           if (p.w) {
-            for (int64_t k = 0; k < first; ++k) dst[k] += src[k] * w;
-            for (int64_t k = first; k < Z; ++k) dst[k] += M[k - first] * w;
+            for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
+            for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
           } else {
-            for (int64_t k = 0; k < first; ++k) dst[k] += src[k];
-            for (int64_t k = first; k < Z; ++k) dst[k] += M[k - first];
+            for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
+            for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
           }
         }
       }
@@ -262,6 +275,50 @@ at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, co
     }
   }
   return out;
+}
+
+at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, const at::Tensor& offsets,
+                          const at::Tensor& hash_keys, const at::Tensor& mean,
+                          const std::optional<at::Tensor>& per_sample_weights, int64_t batch_size, int64_t dim,
+                          int64_t block_size) {
+  check_float_array(array, "array");
+  TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
+  const Problem p = make_problem(array.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
+                                 dim, block_size);
+  const at::Tensor arr = array.contiguous();
+  return pooled_forward_with(FloatReader{arr.data_ptr<float>()}, p, array.options());
+}
+
+// Forward on a stored (serving) array: float32, bfloat16, float16, or uint8 codes with
+// scale_bias [ceil(m / Z), 2] float32 (int8 row-wise). Float32 accumulation, same order as above.
+at::Tensor pooled_forward_stored(const at::Tensor& data, const std::optional<at::Tensor>& scale_bias,
+                                 const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& hash_keys,
+                                 const at::Tensor& mean, const std::optional<at::Tensor>& per_sample_weights,
+                                 int64_t batch_size, int64_t dim, int64_t block_size) {
+  TORCH_CHECK(data.device().is_cpu() && data.dim() == 1, "robe cpu kernel: data must be a 1-D CPU tensor");
+  const Problem p = make_problem(data.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
+                                 dim, block_size);
+  const at::Tensor d = data.contiguous();
+  switch (d.scalar_type()) {
+    case at::kFloat:
+      return pooled_forward_with(FloatReader{d.data_ptr<float>()}, p, d.options());
+    case at::kBFloat16:
+      return pooled_forward_with(HalfReader<at::BFloat16>{d.data_ptr<at::BFloat16>()}, p, d.options());
+    case at::kHalf:
+      return pooled_forward_with(HalfReader<at::Half>{d.data_ptr<at::Half>()}, p, d.options());
+    case at::kByte: {
+      TORCH_CHECK(scale_bias.has_value() && scale_bias->defined(), "robe cpu kernel: int8 data needs scale_bias");
+      const at::Tensor sb = scale_bias->contiguous();
+      const int64_t rows = (p.m + p.Z - 1) / p.Z;
+      TORCH_CHECK(sb.scalar_type() == at::kFloat && sb.dim() == 2 && sb.size(0) == rows && sb.size(1) == 2,
+                  "robe cpu kernel: scale_bias must be float32 [", rows, ", 2], got ", sb.scalar_type(), " ",
+                  sb.sizes());
+      return pooled_forward_with(Int8RowwiseReader{d.data_ptr<uint8_t>(), sb.data_ptr<float>(), p.Z}, p, d.options());
+    }
+    default:
+      TORCH_CHECK(false, "robe cpu kernel: stored arrays are float32, bfloat16, float16 or uint8, got ",
+                  d.scalar_type());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,6 +761,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_forward", &pooled_forward, "pooled [B, F*dim] float32", py::arg("array"), py::arg("indices"),
         py::arg("offsets"), py::arg("hash_keys"), py::arg("mean"), py::arg("per_sample_weights"),
         py::arg("batch_size"), py::arg("dim"), py::arg("block_size"));
+  m.def("pooled_forward_stored", &pooled_forward_stored, "pooled [B, F*dim] float32 from a stored array",
+        py::arg("data"), py::arg("scale_bias"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
+        py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),
+        py::arg("block_size"));
   m.def("pooled_backward_dense", &pooled_backward_dense, "dense gradient [m] of sum(pooled * grad_out)",
         py::arg("grad_out"), py::arg("num_elements"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
         py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),

@@ -1,0 +1,148 @@
+"""row_wise ROBE groups: each array split into Z-aligned element ranges, one per rank.
+
+Input dist: every lookup is sent to each rank owning an element of its blocks
+(:func:`robe_torchrec.sharding.rw_lookup.owner_mask`); the ids of all row-wise groups go in one
+``KJTAllToAll`` (held as ``_dist``; keys repeated W times, rank-major, torchrec's bucketized
+layout). Lookup: each rank sums only the elements it owns (``partial_pooled``, fused optimizer in
+backward) for the global batch, ``[W * B, D]``. Output dist: the partial sums are reduce-scattered
+back to the batch's rank (torchrec's ``PooledEmbeddingsReduceScatter``; on gloo, which has no
+reduce-scatter, a ``PooledEmbeddingsAllToAll`` of the W row blocks plus a local sum: the same
+bytes on the wire); MEAN divides after the reduction, where the whole bag is known.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll, PooledEmbeddingsReduceScatter
+from torchrec.distributed.types import Awaitable
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from robe_torchrec.sharding.common import MapAwaitable, RobeSharding, RobeShardingContext
+from robe_torchrec.sharding.groups import RW, Group
+from robe_torchrec.sharding.rw_lookup import owner_mask, partial_pooled, partial_pooled_fused
+
+_NO_REDUCE_SCATTER = {"gloo"}
+
+
+def has_reduce_scatter(pg: dist.ProcessGroup) -> bool:
+    """Whether the backend of ``pg`` implements reduce-scatter (gloo does not)."""
+    try:
+        backend = dist.get_backend(pg)
+    except Exception:  # noqa: BLE001 - a fake/unknown group: be conservative
+        return False
+    return str(backend).lower() not in _NO_REDUCE_SCATTER
+
+
+class RobeRwSharding(RobeSharding):
+    """The module's row_wise groups."""
+
+    sharding_type = RW
+
+    def __init__(
+        self,
+        groups: List[Group],
+        *args: Any,
+        pg: dist.ProcessGroup,
+        world_size: int,
+        num_features: int,
+        device: torch.device,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(groups, *args, **kwargs)
+        self._num_features = num_features
+        self._world_size = world_size
+        self._total_dim = sum(g.layout.total_dim for g in groups)
+        self._dist = KJTAllToAll(pg, [len(self.feature_order)] * world_size)
+        self._reduce_scatter = has_reduce_scatter(pg)
+        if self._reduce_scatter:
+            self._output: nn.Module = PooledEmbeddingsReduceScatter(pg)
+        else:
+            self._output = PooledEmbeddingsAllToAll(pg, [self._total_dim] * world_size, device=device)
+
+    # ----- input dist -------------------------------------------------------------------------
+
+    def input_dist(self, ctx: RobeShardingContext, features: KeyedJaggedTensor) -> Any:
+        kjt = self.select(features, self._num_features)
+        parts = kjt.split([g.layout.num_features for g in self.groups]) if len(self.groups) > 1 else [kjt]
+        per_rank: List[List[Any]] = [[] for _ in range(self._world_size)]  # [rank][group] -> (values, lengths, weights)
+        for g, part in zip(self.groups, parts):
+            if any(g.layout.mean):
+                ctx.lengths[g.name] = part.lengths().view(g.layout.num_features, part.stride())
+            for r, piece in enumerate(self._bucketize(g, part)):
+                per_rank[r].append(piece)
+        flat = [piece for pieces in per_rank for piece in pieces]
+        weighted = flat[0][2] is not None
+        return self._dist(
+            KeyedJaggedTensor(
+                keys=list(kjt.keys()) * self._world_size,
+                values=torch.cat([p[0] for p in flat]),
+                lengths=torch.cat([p[1] for p in flat]),
+                weights=torch.cat([p[2] for p in flat]) if weighted else None,
+                stride=kjt.stride(),
+            )
+        )
+
+    def _bucketize(self, g: Group, kjt: KeyedJaggedTensor) -> List[Any]:
+        """Per destination rank, (values, lengths, weights) of the lookups it must sum."""
+        assert g.ranges is not None
+        values = kjt.values()
+        ids = values if values.dtype == torch.int64 else values.to(torch.int64)
+        lengths = kjt.lengths()
+        weights = kjt.weights_or_none()
+        mask = owner_mask(ids, lengths, kjt.stride(), g.layout, self._hash_keys[g.name], g.ranges)  # [nnz, W]
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=ids.numel())
+        out = []
+        for r in range(self._world_size):
+            sel = mask[:, r].nonzero().squeeze(1)
+            lens = torch.bincount(bags[sel], minlength=lengths.numel()).to(lengths.dtype)
+            out.append((values[sel], lens, None if weights is None else weights[sel]))
+        return out
+
+    # ----- lookup and output dist -------------------------------------------------------------
+
+    def compute(self, ctx: RobeShardingContext, kjt: KeyedJaggedTensor, arrays: nn.ParameterDict, fused: Optional[Any]) -> torch.Tensor:
+        parts = kjt.split([g.layout.num_features for g in self.groups]) if len(self.groups) > 1 else [kjt]
+        out = []
+        for g, part in zip(self.groups, parts):
+            values = part.values()
+            ids = values if values.dtype == torch.int64 else values.to(torch.int64)
+            args = (arrays[g.name], g.lo, ids, part.lengths(), g.layout, self._hash_keys[g.name], part.stride(), part.weights_or_none())
+            if fused is not None:
+                out.append(partial_pooled_fused(*args, fused, fused.state_of(arrays[g.name])))
+            else:
+                out.append(partial_pooled(*args))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def output_dist(self, ctx: RobeShardingContext, output: torch.Tensor) -> Awaitable[Dict[str, torch.Tensor]]:
+        if output.shape[0] % self._world_size != 0:
+            raise ValueError(
+                f"row-wise ROBE needs the same local batch size on every rank: got {output.shape[0]} rows for {self._world_size} ranks"
+            )
+        if self._reduce_scatter:
+            return MapAwaitable(self._output(output.contiguous()), lambda summed: self._finish(ctx, summed))
+        return MapAwaitable(self._output(output.contiguous()), lambda received: self._finish(ctx, self._sum_blocks(received)))
+
+    def _sum_blocks(self, received: torch.Tensor) -> torch.Tensor:
+        """[B, W * D] (rank s's partial sums in columns s*D..) -> [B, D]."""
+        return received.view(received.shape[0], self._world_size, self._total_dim).sum(1)
+
+    def _finish(self, ctx: RobeShardingContext, summed: torch.Tensor) -> Dict[str, torch.Tensor]:
+        pooled = self.split_by_group(summed)
+        for g in self.groups:
+            if g.name in ctx.lengths:
+                pooled[g.name] = mean_after_reduction(g, pooled[g.name], ctx.lengths[g.name])
+        return pooled
+
+
+def mean_after_reduction(g: Group, summed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Divide MEAN features' columns by their bag length ([F, B] lengths; empty bags stay 0)."""
+    mean = torch.tensor(g.layout.mean, dtype=torch.bool, device=summed.device)
+    scale = torch.where(
+        mean.unsqueeze(1), 1.0 / lengths.clamp(min=1).to(summed.dtype), torch.ones((), dtype=summed.dtype, device=summed.device)
+    )  # [F, B]
+    per_col = torch.repeat_interleave(scale, torch.tensor(g.layout.dims, device=summed.device), dim=0)  # [total_dim, B]
+    return summed * per_col.t()

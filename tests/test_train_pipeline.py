@@ -1,0 +1,132 @@
+"""Sharded ROBE inside torchrec's own TrainPipelineSparseDist (CPU, gloo, 2 processes).
+
+Every sharding type, with a fused optimizer and without, and a model mixing ROBE groups with a
+stock torchrec EmbeddingBagCollection (sharded by torchrec's own sharder): the pipeline (which
+starts batch i+1's input dist, fusing the splits all-to-alls of all sharded modules, before batch
+i's backward) must give the same predictions, step by step, and the same arrays as the plain
+loop of the unsharded model on the global batch (torchrec's equality pattern, see
+tests/test_sharding.py). Tolerance: float32 noise, rtol = atol = 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import ParameterConstraints
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.models.dlrm import DLRMTrain
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from robe_torchrec import RobeEmbeddingBagCollection
+from robe_torchrec.optim import RobeFusedOptimizerConfig
+from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollection
+from robe_torchrec.sharding.sharder import RobeEmbeddingBagCollectionSharder
+from tests.test_sharding import (
+    ATOL, B_LOCAL, DIM, GROUPS, LR, RTOL, TABLE_TO_GROUP, batch, copy_state, make_kjt, materialize, plan_and_shard,
+    robe_dlrm, robe_tables,
+)
+from tests.test_sharding_harness import get_pool
+
+STEPS = 4
+
+
+class MixedTrain(torch.nn.Module):
+    """ROBE groups next to a stock EBC, fed the same KJT; returns (loss, logits) like DLRMTrain."""
+
+    def __init__(self, fused: Optional[str]) -> None:
+        super().__init__()
+        self.robe = RobeEmbeddingBagCollection(
+            robe_tables(), GROUPS, table_to_group=TABLE_TO_GROUP, kernel="reference",
+            fused_optimizer=RobeFusedOptimizerConfig(fused, lr=LR) if fused else None,
+        )
+        self.ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="s0", embedding_dim=DIM, num_embeddings=50, feature_names=["e0"])])
+        self.over = torch.nn.Linear(DIM * 6 + 3, 1)
+
+    def forward(self, b: Batch) -> Any:
+        x = torch.cat([self.robe(b.sparse_features).values(), self.ebc(b.sparse_features).values(), b.dense_features], dim=1)
+        logits = self.over(x).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels)
+        return loss, logits.detach()
+
+
+def _batch(step: int, world_size: int, lo: int, hi: int, mixed: bool) -> Batch:
+    dense, bags, labels = batch(step, world_size)
+    if mixed:
+        bags["e0"] = [[abs(i) % 50 for i in bag] for bag in bags["f0"]]
+    return Batch(dense_features=dense[lo:hi], sparse_features=make_kjt(bags, lo, hi), labels=labels[lo:hi])
+
+
+
+def _pipeline_equals_plain(rank: int, world_size: int, types: Dict[str, str], fused: Optional[str], mixed: bool) -> int:
+    torch.manual_seed(0)
+    reference: torch.nn.Module = MixedTrain(fused) if mixed else DLRMTrain(robe_dlrm(fused, "reference"))
+    if mixed:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        # The stock EBC: torchrec's fused SGD (the reference steps it with the same plain SGD);
+        # "unfused" is about the ROBE arrays.
+        ebc_fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+        sharders = [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(fused_params=ebc_fused)]
+        dmp, _ = plan_and_shard(copy.deepcopy(reference), types, world_size, sharders, {"s0": ParameterConstraints(sharding_types=["table_wise"])})
+    else:
+        dmp, _ = plan_and_shard(copy.deepcopy(reference), types, world_size)
+    copy_state(dmp, reference.state_dict())
+    sharded = [m for m in dmp.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)]
+    assert len(sharded) == 1 and sharded[0].sharding_types() == types
+
+    ref_opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(reference.named_parameters())], lr=LR)
+    dmp_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.SGD(ps, lr=LR))
+    pipeline = TrainPipelineSparseDist(dmp, dmp_opt, torch.device("cpu"))
+    lo, hi = rank * B_LOCAL, (rank + 1) * B_LOCAL
+    batches: Iterator[Batch] = iter([_batch(s, world_size, lo, hi, mixed) for s in range(STEPS)])
+    for step in range(STEPS):
+        full = _batch(step, world_size, 0, B_LOCAL * world_size, mixed)
+        ref_opt.zero_grad()
+        ref_loss, ref_out = reference(full)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_logits = ref_out[1] if isinstance(ref_out, tuple) else ref_out
+
+        out = pipeline.progress(batches)
+        if step == 0:  # the pipeline really runs our module's input dist a batch ahead (not a fallback)
+            assert any(m is sharded[0] for m in pipeline._pipelined_modules), pipeline._pipelined_modules
+            assert len(pipeline._pipelined_modules) == (2 if mixed else 1)
+        logits = out[1] if isinstance(out, tuple) else out
+        everyone = [torch.empty_like(logits) for _ in range(world_size)]
+        dist.all_gather(everyone, logits.detach())
+        torch.testing.assert_close(torch.cat(everyone), ref_logits.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}: {m}")
+    with pytest.raises(StopIteration):
+        pipeline.progress(batches)
+
+    state, ref_state = dmp.state_dict(), reference.state_dict()
+    assert sorted(state) == sorted(ref_state)
+    arrays = [k for k in ref_state if ".arrays." in k] + (["ebc.embedding_bags.s0.weight"] if mixed else [])
+    for key in arrays:
+        torch.testing.assert_close(materialize(state[key]).reshape(ref_state[key].shape), ref_state[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
+    return STEPS
+
+
+CASES = [
+    pytest.param({"g_a": "data_parallel", "g_b": "data_parallel"}, "sgd", False, id="data_parallel-sgd"),
+    pytest.param({"g_a": "data_parallel", "g_b": "data_parallel"}, None, False, id="data_parallel-unfused"),
+    pytest.param({"g_a": "table_wise", "g_b": "table_wise"}, "adagrad", False, id="table_wise-adagrad"),
+    pytest.param({"g_a": "table_wise", "g_b": "table_wise"}, None, False, id="table_wise-unfused"),
+    pytest.param({"g_a": "row_wise", "g_b": "row_wise"}, "rowwise_adagrad", False, id="row_wise-rowwise_adagrad"),
+    pytest.param({"g_a": "row_wise", "g_b": "row_wise"}, None, False, id="row_wise-unfused"),
+    pytest.param({"g_a": "data_parallel", "g_b": "row_wise"}, "sgd", True, id="mixed-ebc-data_parallel+row_wise-sgd"),
+    pytest.param({"g_a": "row_wise", "g_b": "table_wise"}, "sgd", True, id="mixed-ebc-row_wise+table_wise-sgd"),
+    pytest.param({"g_a": "table_wise", "g_b": "row_wise"}, None, True, id="mixed-ebc-table_wise+row_wise-unfused"),
+]
+
+
+@pytest.mark.parametrize("types,fused,mixed", CASES)
+def test_train_pipeline_sparse_dist_equals_plain_loop(types, fused, mixed):
+    assert get_pool(2).run(_pipeline_equals_plain, types, fused, mixed) == [STEPS, STEPS]

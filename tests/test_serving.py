@@ -222,3 +222,58 @@ def test_cpu_kernel_reads_every_storage_like_slow_math(storage: str, monkeypatch
     torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("ROBE_STORED_LOOKUP_REFERENCE", "1")
     torch.testing.assert_close(quant(kjt).values(), fast, rtol=1e-6, atol=1e-7)
+
+
+def _criteo_tsv(path, n: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        dense = [str(rng.randrange(100)) if rng.random() > 0.1 else "" for _ in range(13)]
+        cats = [f"{rng.getrandbits(32):08x}" if rng.random() > 0.1 else "" for _ in range(26)]
+        lines.append("\t".join(dense + cats))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_checkpoint_to_artifact_then_evaluate_and_predict_without_training_code(tmp_path) -> None:
+    from robe_torchrec.evaluate import run_evaluate, run_predict
+    from robe_torchrec.export_checkpoint import export_checkpoint
+    from robe_torchrec.app.config import load_config
+    from robe_torchrec.train import main as train_main
+
+    config = os.path.join(ROOT, "configs", "synthetic_small.yaml")
+    over = [f"logging.dir={tmp_path}", "logging.progress=false", "train.steps=20", "eval.batches=4"]
+    train_main(["--config", config, "--set", *over])
+    artifact = export_checkpoint(config, None, str(tmp_path / "model.pt2"), storage="float32", overrides=over)
+    cfg = load_config(config, over)
+    expected = run_evaluate(cfg, None, None)
+    tsv = tmp_path / "test.txt"
+    _criteo_tsv(tsv, 45, seed=2)
+    run_predict(cfg, None, [str(tsv)], str(tmp_path / "ckpt_preds.txt"), batch_size=16)
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        from robe_torchrec.app.config import load_config
+        from robe_torchrec.app.data import eval_batches
+        from robe_torchrec.serve import evaluate_exported, predict_exported
+        cfg = load_config({config!r}, {over!r})
+        print(json.dumps(evaluate_exported({artifact!r}, eval_batches(cfg))))
+        predict_exported({artifact!r}, [{str(tsv)!r}], {str(tmp_path / 'art_preds.txt')!r}, batch_size=16)
+        loaded = [m for m in sys.modules if m.startswith("robe_torchrec.")]
+        for training in ("robe_torchrec.train", "robe_torchrec.app.model", "robe_torchrec.app.checkpoint",
+                         "robe_torchrec.sharding", "robe_torchrec.evaluate"):
+            assert training not in loaded, (training, loaded)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    got = json.loads(run.stdout.strip().splitlines()[-2])
+    assert got["num_samples"] == expected["num_samples"]
+    assert got["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+    assert got["logloss"] == pytest.approx(expected["logloss"], rel=1e-5)
+    art = [float(x) for x in (tmp_path / "art_preds.txt").read_text().split()]
+    ckpt = [float(x) for x in (tmp_path / "ckpt_preds.txt").read_text().split()]
+    assert len(art) == 45 and art == pytest.approx(ckpt, abs=2e-6)

@@ -27,6 +27,7 @@ from robe_torchrec.config import RobeConfig
 from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
 from robe_torchrec.ops.lookup import KERNELS, robe_pooled_lookup
 from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig
+from robe_torchrec.optim_in_backward import adopt_in_backward_optimizer
 
 DEFAULT_GROUP = "default"
 _EXTRA_STATE_KEY = "_extra_state"
@@ -159,6 +160,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
     def fused_optimizer(self) -> KeyedOptimizer:
         """The optimizer fused into backward (torchrec's FusedOptimizerModule interface); an empty
         one when the arrays are trained by a dense optimizer (DMP collects it either way)."""
+        adopt_in_backward_optimizer(self)  # torchrec's apply_optimizer_in_backward idiom
         if self._fused_optimizer is None:
             return EmptyFusedOptimizer()
         self._fused_optimizer.ensure_bound(self._named_arrays())
@@ -196,6 +198,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         ids = values if values.dtype == torch.int64 else values.to(torch.int64)
         offsets = _offsets_of(features)
         weights = features.weights_or_none() if self._is_weighted else None
+        adopt_in_backward_optimizer(self)  # torchrec's apply_optimizer_in_backward idiom
         if self._fused_optimizer is not None:
             self._fused_optimizer.ensure_bound(self._named_arrays())
 

@@ -23,7 +23,8 @@ this view, so every shard boundary is a multiple of Z (the row-wise Adagrad chun
 
 Optimizer state is counted by the estimator from the tensor's ``_optimizer_classes`` attribute
 (torchrec 1.8 ``_get_optimizer_multipler``): this sharder sets it from the fused optimizer
-(sharder ``fused_params`` first, else the module's own fused optimizer): ``sgd`` -> SGD (x0),
+(the arrays' ``apply_optimizer_in_backward`` tag first, see ``robe_torchrec.optim_in_backward``,
+then sharder ``fused_params``, else the module's own fused optimizer): ``sgd`` -> SGD (x0),
 ``adagrad`` -> Adagrad (x1: one float per element), ``rowwise_adagrad`` -> torchrec's
 RowWiseAdagrad (x 1/shape[-1] = 1/Z: one float per Z-chunk). Exactly the state
 ``RobeFusedOptimizer`` keeps. Without a fused optimizer no state is counted (the dense optimizer's
@@ -51,6 +52,7 @@ from torchrec.optim import RowWiseAdagrad
 
 from robe_torchrec.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
 from robe_torchrec.optim import RobeFusedOptimizerConfig
+from robe_torchrec.optim_in_backward import arrays_config
 
 if TYPE_CHECKING:
     from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollection
@@ -120,7 +122,12 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
         return RobeEmbeddingBagCollection
 
     def fused_config_for(self, module: RobeEmbeddingBagCollection) -> Optional[RobeFusedOptimizerConfig]:
-        """The fused optimizer the sharded module will use (sharder's, else the module's)."""
+        """The fused optimizer the sharded module will use: the arrays' optimizer in backward
+        (``apply_optimizer_in_backward``; per-parameter wins, as in torchrec's sharders), else the
+        sharder's ``fused_params``, else the module's own."""
+        tagged = arrays_config(dict(module.arrays.items()))
+        if tagged is not None:
+            return tagged
         if self._fused_config is not None:
             return self._fused_config
         fused = getattr(module, "_fused_optimizer", None)

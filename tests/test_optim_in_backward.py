@@ -1,0 +1,139 @@
+"""torchrec's optimizer-in-backward idiom selects the fused ROBE optimizer (plain module and sharder).
+
+Reference: the same module with that fused optimizer configured directly
+(``fused_optimizer=RobeFusedOptimizerConfig(...)``), trained on the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torchrec.optim as trec_optim
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.optim import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from robe_torchrec import RobeEmbeddingBagCollection
+from robe_torchrec.optim import RobeFusedOptimizerConfig
+from robe_torchrec.optim_in_backward import config_from_optimizer, tag_optimizer_in_backward
+from robe_torchrec.sharding.sharder import RobeEmbeddingBagCollectionSharder
+from tests.test_sharding import (
+    ATOL, B_LOCAL, EBC_PATH, GROUPS, LR, RTOL, TABLE_TO_GROUP, batch, copy_state, make_kjt, materialize,
+    plan_and_shard, robe_dlrm, robe_tables,
+)
+from tests.test_sharding_harness import get_pool
+
+
+def _ebc(fused: Optional[RobeFusedOptimizerConfig]) -> RobeEmbeddingBagCollection:
+    torch.manual_seed(0)
+    return RobeEmbeddingBagCollection(robe_tables(), GROUPS, table_to_group=TABLE_TO_GROUP, kernel="reference", fused_optimizer=fused)
+
+
+# (api, class, kwargs, the fused config it must select). torchrec's RowWiseAdagrad cannot be
+# constructed on a 1-D tensor, so torch's/torchrec's apply_* cannot tag a ROBE array with it; the
+# tag helper sets the same attributes (see robe_torchrec.optim_in_backward).
+PLAIN_CASES = [
+    pytest.param("torch", torch.optim.SGD, {"lr": 0.3}, RobeFusedOptimizerConfig("sgd", lr=0.3), id="torch-SGD"),
+    pytest.param("torchrec", torch.optim.SGD, {"lr": 0.3}, RobeFusedOptimizerConfig("sgd", lr=0.3), id="torchrec-SGD"),
+    pytest.param("torch", torch.optim.Adagrad, {"lr": 0.2, "eps": 1e-6}, RobeFusedOptimizerConfig("adagrad", lr=0.2, eps=1e-6), id="torch-Adagrad"),
+    pytest.param("torchrec", trec_optim.Adagrad, {"lr": 0.2, "eps": 1e-6}, RobeFusedOptimizerConfig("adagrad", lr=0.2, eps=1e-6), id="torchrec-trec.Adagrad"),
+    pytest.param("robe-tag", trec_optim.RowWiseAdagrad, {"lr": 0.5, "eps": 1e-4}, RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.5, eps=1e-4), id="tag-RowWiseAdagrad"),
+]
+
+
+@pytest.mark.parametrize("api,cls,kwargs,expected", PLAIN_CASES)
+def test_plain_module_trains_like_the_fused_optimizer_configured_directly(api, cls, kwargs, expected):
+    model = _ebc(None)
+    reference = _ebc(expected)
+    assert torch.equal(model.arrays["g_a"], reference.arrays["g_a"])
+    apply = {"torch": _apply_optimizer_in_backward, "torchrec": apply_optimizer_in_backward, "robe-tag": tag_optimizer_in_backward}[api]
+    apply(cls, model.parameters(), kwargs)
+    assert model.fused_optimizer.config == expected  # adopted before the first forward
+    for step in range(3):
+        _, bags, _ = batch(step, 2)
+        kjt = make_kjt(bags, 0, 2 * B_LOCAL)
+        for m in (model, reference):
+            (m(kjt).values() ** 2).sum().backward()
+    for g in GROUPS:
+        assert model.arrays[g].grad is None  # fused: no gradient left, the torch optimizer never ran
+        torch.testing.assert_close(model.arrays[g], reference.arrays[g], rtol=0, atol=0)
+        assert not torch.equal(model.arrays[g], _ebc(None).arrays[g])  # it did train
+    assert set(model.fused_optimizer.state_dict()["state"]) == set(reference.fused_optimizer.state_dict()["state"])
+    for key, st in reference.fused_optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(model.fused_optimizer.state_dict()["state"][key]["momentum1"], st["momentum1"], rtol=0, atol=0)
+    # torchrec's filter keeps the arrays out of a dense optimizer
+    assert not [n for n, _ in in_backward_optimizer_filter(model.named_parameters())]
+
+
+def test_unsupported_optimizers_and_options_raise_clearly():
+    model = _ebc(None)
+    _apply_optimizer_in_backward(torch.optim.Adam, model.parameters(), {"lr": 0.1})
+    _, bags, _ = batch(0, 1)
+    with pytest.raises(ValueError, match=r"torch\.optim\.adam\.Adam is not supported.*torch\.optim\.SGD.*torch\.optim\.Adagrad.*RowWiseAdagrad"):
+        model(make_kjt(bags, 0, B_LOCAL))
+    with pytest.raises(ValueError, match="momentum=0.9 is not supported"):
+        config_from_optimizer(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    with pytest.raises(ValueError, match="weight_decay"):
+        config_from_optimizer(trec_optim.RowWiseAdagrad, {"lr": 0.1, "weight_decay": 1e-4})
+    mixed = _ebc(None)
+    _apply_optimizer_in_backward(torch.optim.SGD, [mixed.arrays["g_a"]], {"lr": 0.1})
+    with pytest.raises(ValueError, match="same optimizer in backward"):
+        mixed.fused_optimizer  # noqa: B018 - g_b untagged
+
+
+# ----- through the sharder (2 gloo ranks) ---------------------------------------------------------------
+
+
+def _sharded_in_backward(rank: int, world_size: int, types: Dict[str, str], cls: Any, kwargs: Dict[str, Any], fused: str, sharder_fused: Optional[Dict[str, Any]]) -> str:
+    torch.manual_seed(0)
+    reference = robe_dlrm(fused, "reference")  # the fused optimizer configured directly, unsharded
+    # the kernels read lr / eps from param_groups (as LR schedulers set them)
+    reference.sparse_arch.embedding_bag_collection.fused_optimizer.param_groups[0]["eps"] = kwargs.get("eps", RobeFusedOptimizerConfig().eps)
+    model = robe_dlrm(None, "reference")
+    apply = tag_optimizer_in_backward if cls is trec_optim.RowWiseAdagrad else apply_optimizer_in_backward
+    apply(cls, model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
+    sharders = [RobeEmbeddingBagCollectionSharder(fused_params=sharder_fused)]
+    from torchrec.distributed.model_parallel import get_default_sharders
+
+    dmp, _ = plan_and_shard(model, types, world_size, [*sharders, *get_default_sharders()])
+    copy_state(dmp, reference.state_dict())
+    ref_opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(reference.named_parameters())], lr=LR)
+    dmp_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.SGD(ps, lr=LR))
+    lo, hi = rank * B_LOCAL, (rank + 1) * B_LOCAL
+    for step in range(3):
+        dense, bags, labels = batch(step, world_size)
+        ref_logits = reference(dense, make_kjt(bags, 0, B_LOCAL * world_size)).squeeze(1)
+        ref_opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(ref_logits, labels).backward()
+        ref_opt.step()
+        logits = dmp(dense[lo:hi], make_kjt(bags, lo, hi)).squeeze(1)
+        dmp_opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[lo:hi]).backward()
+        dmp_opt.step()
+        everyone = [torch.empty_like(logits) for _ in range(world_size)]
+        dist.all_gather(everyone, logits.detach())
+        torch.testing.assert_close(torch.cat(everyone), ref_logits.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}: {m}")
+    opt_state = dmp.fused_optimizer.state_dict()["state"]
+    ref_opt_state = reference.sparse_arch.embedding_bag_collection.fused_optimizer.state_dict()["state"]
+    for g in GROUPS:
+        torch.testing.assert_close(materialize(opt_state[f"{EBC_PATH}.arrays.{g}"]["momentum1"]), ref_opt_state[f"arrays.{g}"]["momentum1"], rtol=RTOL, atol=ATOL)
+    (pg,) = [grp for grp in dmp.fused_optimizer.param_groups if grp.get("optimizer")]
+    return f"{pg['optimizer']} lr={pg['lr']} eps={pg['eps']}"
+
+
+def test_sharder_reads_the_optimizer_in_backward():
+    got = get_pool(2).run(_sharded_in_backward, {"g_a": "table_wise", "g_b": "row_wise"}, trec_optim.RowWiseAdagrad,
+                          {"lr": LR, "eps": 1e-6}, "rowwise_adagrad", None)
+    assert got == ["rowwise_adagrad lr=0.1 eps=1e-06"] * 2
+
+
+def test_optimizer_in_backward_wins_over_sharder_fused_params():
+    # torchrec's rule: per-parameter optimizer kwargs take precedence over the sharder's fused_params.
+    got = get_pool(2).run(_sharded_in_backward, {"g_a": "row_wise", "g_b": "row_wise"}, torch.optim.Adagrad,
+                          {"lr": LR}, "adagrad", {"optimizer": "sgd", "lr": 0.5})
+    assert got == [f"adagrad lr=0.1 eps={RobeFusedOptimizerConfig().eps}"] * 2

@@ -6,8 +6,7 @@ Reference: the same module with that fused optimizer configured directly
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import pytest
 import torch

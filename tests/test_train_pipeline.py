@@ -11,7 +11,7 @@ tests/test_sharding.py). Tolerance: float32 noise, rtol = atol = 1e-5.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 import torch
@@ -20,7 +20,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import ParameterConstraints
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+from torchrec.optim import apply_optimizer_in_backward
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -65,10 +66,17 @@ def _batch(step: int, world_size: int, lo: int, hi: int, mixed: bool) -> Batch:
 
 
 
-def _pipeline_equals_plain(rank: int, world_size: int, types: Dict[str, str], fused: Optional[str], mixed: bool) -> int:
+def _pipeline_equals_plain(
+    rank: int, world_size: int, types: Dict[str, str], fused: Optional[str], mixed: bool,
+    pipeline_cls: type = TrainPipelineSparseDist, in_backward: bool = False,
+) -> int:
     torch.manual_seed(0)
     reference: torch.nn.Module = MixedTrain(fused) if mixed else DLRMTrain(robe_dlrm(fused, "reference"))
-    if mixed:
+    if in_backward:  # torchrec's example idiom: the optimizer comes from the parameters' tag
+        model = DLRMTrain(robe_dlrm(None, "reference"))
+        apply_optimizer_in_backward(torch.optim.Adagrad, model.model.sparse_arch.parameters(), {"lr": LR, "eps": 1e-8})
+        dmp, _ = plan_and_shard(model, types, world_size)
+    elif mixed:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
         # The stock EBC: torchrec's fused SGD (the reference steps it with the same plain SGD);
@@ -84,7 +92,7 @@ def _pipeline_equals_plain(rank: int, world_size: int, types: Dict[str, str], fu
 
     ref_opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(reference.named_parameters())], lr=LR)
     dmp_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.SGD(ps, lr=LR))
-    pipeline = TrainPipelineSparseDist(dmp, dmp_opt, torch.device("cpu"))
+    pipeline = pipeline_cls(dmp, dmp_opt, torch.device("cpu"))
     lo, hi = rank * B_LOCAL, (rank + 1) * B_LOCAL
     batches: Iterator[Batch] = iter([_batch(s, world_size, lo, hi, mixed) for s in range(STEPS)])
     for step in range(STEPS):
@@ -96,7 +104,7 @@ def _pipeline_equals_plain(rank: int, world_size: int, types: Dict[str, str], fu
         ref_logits = ref_out[1] if isinstance(ref_out, tuple) else ref_out
 
         out = pipeline.progress(batches)
-        if step == 0:  # the pipeline really runs our module's input dist a batch ahead (not a fallback)
+        if step == 0 and pipeline_cls is TrainPipelineSparseDist:  # input dist really runs a batch ahead
             assert any(m is sharded[0] for m in pipeline._pipelined_modules), pipeline._pipelined_modules
             assert len(pipeline._pipelined_modules) == (2 if mixed else 1)
         logits = out[1] if isinstance(out, tuple) else out
@@ -130,3 +138,13 @@ CASES = [
 @pytest.mark.parametrize("types,fused,mixed", CASES)
 def test_train_pipeline_sparse_dist_equals_plain_loop(types, fused, mixed):
     assert get_pool(2).run(_pipeline_equals_plain, types, fused, mixed) == [STEPS, STEPS]
+
+
+def test_train_pipeline_base_equals_plain_loop():
+    assert get_pool(2).run(_pipeline_equals_plain, {"g_a": "row_wise", "g_b": "table_wise"}, "sgd", True, TrainPipelineBase) == [STEPS, STEPS]
+
+
+def test_train_pipeline_with_optimizer_in_backward():
+    """apply_optimizer_in_backward(Adagrad) before DMP, then TrainPipelineSparseDist == fused adagrad."""
+    assert get_pool(2).run(_pipeline_equals_plain, {"g_a": "table_wise", "g_b": "row_wise"}, "adagrad", False,
+                           TrainPipelineSparseDist, True) == [STEPS, STEPS]

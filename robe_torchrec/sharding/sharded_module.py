@@ -208,12 +208,8 @@ class ShardedRobeEmbeddingBagCollection(
     def input_dist(self, ctx: RobeShardingContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         features = self._validated(features)
         ctx.batch_size = features.stride()
-        return KJTListSplitsAwaitable(
-            [s.input_dist(ctx, features) for s in self._shardings],
-            ctx,
-            self._module_fqn,
-            [s.sharding_type for s in self._shardings],
-        )
+        # (awaitables, ctx) only: the later profiling arguments are not in older torchrec releases.
+        return KJTListSplitsAwaitable([s.input_dist(ctx, features) for s in self._shardings], ctx)
 
     def compute(self, ctx: RobeShardingContext, dist_input: KJTList) -> List[torch.Tensor]:
         fused = self._optim if self._fused_config is not None else None

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, Optional
 import pytest
 import torch
 import torch.distributed as dist
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import ParameterConstraints
@@ -148,3 +148,55 @@ def test_train_pipeline_with_optimizer_in_backward():
     """apply_optimizer_in_backward(Adagrad) before DMP, then TrainPipelineSparseDist == fused adagrad."""
     assert get_pool(2).run(_pipeline_equals_plain, {"g_a": "table_wise", "g_b": "row_wise"}, "adagrad", False,
                            TrainPipelineSparseDist, True) == [STEPS, STEPS]
+
+
+class WeightedTrain(torch.nn.Module):
+    """A weighted ROBE collection (per-id weights in the KJT) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.robe = RobeEmbeddingBagCollection(robe_tables(), GROUPS, table_to_group=TABLE_TO_GROUP, kernel="reference", is_weighted=True)
+        self.over = torch.nn.Linear(DIM * 5, 1)
+
+    def forward(self, b: Batch) -> Any:
+        logits = self.over(self.robe(b.sparse_features).values()).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels), logits.detach()
+
+
+def _weighted_batch(step: int, world_size: int, lo: int, hi: int) -> Batch:
+    """``_batch`` plus per-id weights drawn for the global batch, this rank's bags sliced out."""
+    b = _batch(step, world_size, lo, hi, False)
+    kjt = b.sparse_features
+    full = _batch(step, world_size, 0, B_LOCAL * world_size, False).sparse_features
+    all_w = torch.rand(full.values().numel(), generator=torch.Generator().manual_seed(step))
+    offs, bg = full.offsets(), B_LOCAL * world_size
+    weights = torch.cat([all_w[int(offs[f * bg + lo]) : int(offs[f * bg + hi])] for f in range(len(kjt.keys()))])
+    sparse = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
+    return Batch(dense_features=b.dense_features, sparse_features=sparse, labels=b.labels)
+
+
+def _weighted_pipeline(rank: int, world_size: int, types: Dict[str, str]) -> int:
+    torch.manual_seed(0)
+    reference = WeightedTrain()
+    dmp, _ = plan_and_shard(copy.deepcopy(reference), types, world_size)
+    copy_state(dmp, reference.state_dict())
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    dmp_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.SGD(ps, lr=LR))
+    pipeline = TrainPipelineSparseDist(dmp, dmp_opt, torch.device("cpu"))
+    lo, hi = rank * B_LOCAL, (rank + 1) * B_LOCAL
+    batches = iter([_weighted_batch(s, world_size, lo, hi) for s in range(STEPS)])
+    for step in range(STEPS):
+        ref_opt.zero_grad()
+        ref_loss, ref_logits = reference(_weighted_batch(step, world_size, 0, B_LOCAL * world_size))
+        ref_loss.backward()
+        ref_opt.step()
+        logits = pipeline.progress(batches)
+        everyone = [torch.empty_like(logits) for _ in range(world_size)]
+        dist.all_gather(everyone, logits)
+        torch.testing.assert_close(torch.cat(everyone), ref_logits, rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}: {m}")
+    return STEPS
+
+
+def test_weighted_features_under_the_pipeline():
+    """Per-id weights travel with the ids through the table_wise and row_wise input dists."""
+    assert get_pool(2).run(_weighted_pipeline, {"g_a": "row_wise", "g_b": "table_wise"}) == [STEPS, STEPS]

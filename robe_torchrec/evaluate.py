@@ -15,22 +15,32 @@ checkpoint directory (its ``latest`` is used); default: the config's checkpoint 
 ``eval.batch_size``; synthetic: the held-out batches; criteo_tsv: ``data.val_paths``), printed
 as JSON (and written to ``--output``). ``predict``: one probability per input line, in input
 order, one per line of ``--output`` (``%.6f``); files with or without the label column.
+
+Before loading, a checkpoint written by the training app is verified against its manifest
+(sizes and CRC-32 of every file) and its settings (model, tables, ROBE layout) are compared with
+the config's: a corrupt file or another layout is an error naming it. Loading unpickles nothing
+but DCP's metadata classes and plain values (see ``robe_torchrec.app.checkpoint``); still, load
+checkpoints only from sources you trust (docs/usage.md).
+
+Exit status: 0; 1 for a data or checkpoint error, or metrics that are not finite (the JSON then
+has ``null`` for them and an ``"error"`` entry: it is always valid JSON); 2 for a config error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import warnings
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from robe_torchrec.app import checkpoint as ckpt
-from robe_torchrec.app.config import TrainConfig, load_config, split_cli_overrides
-from robe_torchrec.app.data import eval_batches
+from robe_torchrec.app.compat import check_compatible, checkpoint_signature
+from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
+from robe_torchrec.app.data import validation_batches
 from robe_torchrec.app.metrics import evaluate_batches
 from robe_torchrec.app.model import build_model
 
@@ -38,22 +48,36 @@ from robe_torchrec.app.model import build_model
 def resolve_checkpoint(cfg: TrainConfig, path: Optional[str]) -> str:
     """A complete ``step_N`` checkpoint directory from ``path`` (or the config's checkpoint dir)."""
     directory = path or cfg.checkpoint.dir or os.path.join(cfg.logging.dir, "checkpoints")
-    if os.path.isfile(os.path.join(directory, ".metadata")):
-        return directory
+    if os.path.isfile(os.path.join(directory, ".metadata")) or os.path.isfile(os.path.join(directory, ckpt.MANIFEST)):
+        return directory  # a step_N directory (verified, and any missing file named, by load_model)
     latest = ckpt.latest_step_dir(directory)
     if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {directory} (expected a step_N directory or a 'latest' file)")
+        pointer = os.path.join(directory, ckpt.LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                raise ckpt.CheckpointError(f"{pointer} names {f.read().strip()!r}, which does not exist")
+        raise ckpt.CheckpointError(f"{directory}: no checkpoint (expected a step_N directory or a 'latest' file)")
     return latest
 
 
 def load_model(cfg: TrainConfig, path: str, device: torch.device) -> torch.nn.Module:
-    """The unsharded model of ``cfg`` with the weights of checkpoint ``path``."""
+    """The unsharded model of ``cfg`` with the weights of checkpoint ``path``.
+
+    With a manifest (the training app's checkpoints): verified file by file, and the model /
+    tables / ROBE layout it was written with must be the config's. Without one: a warning, and
+    the ROBE layout check of ``load_state_dict`` still applies."""
+    if os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
+        manifest = ckpt.verify(path)
+        check_compatible(path, manifest, checkpoint_signature(cfg), skip=("optimizer",), hint="")
+    else:
+        print(f"warning: {path} has no {ckpt.MANIFEST}: its files cannot be verified", file=sys.stderr)
     model = build_model(cfg, device, fused=False, for_dmp=False)
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
+    ckpt.dcp_load(state, path)
+    try:
+        model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError, KeyError) as e:  # e.g. the ROBE layout check
+        raise ckpt.CheckpointError(f"{path}: {' '.join(str(e).split())}") from e
     model.eval()
     return model
 
@@ -68,13 +92,17 @@ def run_evaluate(cfg: TrainConfig, checkpoint: Optional[str], output: Optional[s
     path = resolve_checkpoint(cfg, checkpoint)
     device = _device(cfg)
     model = load_model(cfg, path, device)
-    r = evaluate_batches(model, eval_batches(cfg), device)
-    result = {"checkpoint": path, "auc": r.auc, "logloss": r.logloss, "num_samples": r.num_samples}
-    print(json.dumps(result))
+    r = evaluate_batches(model, validation_batches(cfg), device)
+    result: Dict[str, Any] = {"checkpoint": path, "auc": r.auc, "logloss": r.logloss, "num_samples": r.num_samples}
+    bad = [k for k in ("logloss", "auc") if not math.isfinite(result[k])]
+    if bad:  # JSON has no NaN / Infinity: null (an AUC of non-finite outputs means nothing either)
+        result["auc"] = result["logloss"] = None
+        result["error"] = f"non-finite {' and '.join(bad)}: the model's outputs are not finite"
+    print(json.dumps(result, allow_nan=False))
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, allow_nan=False)
     return result
 
 
@@ -121,8 +149,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     return run_evaluate(cfg, args.checkpoint, args.output)
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m robe_torchrec.evaluate``: :func:`main` with exit codes (see the module doc)."""
+    from robe_torchrec.data import DataError
+
+    try:
+        result = main(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (ckpt.CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(result, dict) and "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     from robe_torchrec.quiet import silence_fx_tracing_notice
 
     silence_fx_tracing_notice()
-    main()
+    sys.exit(cli())

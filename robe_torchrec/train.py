@@ -14,6 +14,14 @@ by the sharder's fused optimizer (``dmp.fused_optimizer``, LR driven by the sche
 data_parallel groups and the MLPs are DDP-replicated and stepped by the dense optimizer (a
 torchrec ``KeyedOptimizerWrapper``). Checkpoints hold ``dmp.state_dict()`` and
 ``dmp.fused_optimizer.state_dict()`` (ShardedTensors under the unsharded keys) via DCP.
+
+Failures (docs/usage.md, section 4): data files, run and checkpoint directories are checked
+before the model is built; ``--resume`` takes the newest checkpoint that verifies against its
+manifest and refuses one written under another model / ROBE layout / optimizer kind
+(:mod:`robe_torchrec.app.compat`); each step checks the loss and the parameters and stops at the
+first NaN / inf without writing a checkpoint. Errors that concern all ranks are agreed on by all
+of them (one small all_reduce a step), so no rank is left waiting in a collective.
+``python -m`` exits 0, 1 (data / checkpoint / divergence error, one line) or 2 (config error).
 """
 
 from __future__ import annotations
@@ -21,21 +29,24 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from robe_torchrec.app import checkpoint
+from robe_torchrec.app.compat import check_compatible, checkpoint_signature
 from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
-from robe_torchrec.app.data import eval_batches, train_batches
+from robe_torchrec.app.data import check_data, describe_data, train_batches, validation_batches
 from robe_torchrec.app.dist_env import DistEnv, setup, teardown
 from robe_torchrec.app.metrics import EvalResult, MetricsLogger, evaluate_batches
 from robe_torchrec.app.model import build_model, memory_report
 from robe_torchrec.app.optim import build_dense_optimizer, lr_factor, set_lr, trainable_dense_params
+from robe_torchrec.data import DataError
 
 
 @dataclass
@@ -171,7 +182,12 @@ def _maybe_fail(cfg: TrainConfig, env: DistEnv, step: int) -> None:
     os._exit(1)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters became NaN / inf; training stopped, no checkpoint was written."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    """Train; raises on failure (ConfigError, DataError, CheckpointError, TrainingDiverged, ...)."""
     cfg, resume = parse_args(argv)
     env = setup(cfg.train.device)
     try:
@@ -180,28 +196,118 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         teardown()
 
 
+# Errors that are the user's data / files / settings, not bugs: one line, no traceback.
+_CLEAN_ERRORS = (DataError, checkpoint.CheckpointError, checkpoint.NonFiniteStateError, TrainingDiverged)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m robe_torchrec.train``: :func:`main` with exit codes. 0: done; 2: bad config or
+    arguments (one line on stderr); 1: a data, checkpoint or divergence error (one line on stderr)."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except _CLEAN_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _all_ranks(fn: Any, what: str) -> Any:
+    """Run ``fn`` on every rank; if it raises on any rank, every rank raises (none waits forever)."""
+    try:
+        result, error = fn(), None
+    except Exception as e:  # re-raised below
+        result, error = None, e
+    if checkpoint.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise DataError(f"{what} failed on another rank (see its log)")
+    return result
+
+
+def _warn_if_starting_over(ckpt_dir: str, say: Any) -> None:
+    """A run without --resume in a directory with checkpoints starts over, as asked, but says so:
+    it replaces those checkpoints as it reaches their steps (and prunes the older ones)."""
+    existing = checkpoint.list_checkpoints(ckpt_dir)
+    if existing:
+        say(
+            f"warning: {ckpt_dir} holds checkpoints of an earlier run ({', '.join(existing[-3:])}); this run starts "
+            "from step 0 (no --resume) and replaces them as it goes: pass --resume to continue that run instead, "
+            "or set logging.dir / checkpoint.dir to keep both"
+        )
+
+
+def _fetch(data: Iterator[Any]) -> "tuple[Optional[Any], Optional[BaseException]]":
+    try:
+        return next(data, None), None
+    except Exception as e:  # a bad file: reported on every rank after the step's agreement
+        return None, e
+
+
+def _finite_params(model: torch.nn.Module) -> List[torch.Tensor]:
+    return [p for p in model.parameters() if p.numel() and p.device.type != "meta" and p.is_floating_point()]
+
+
+def _step_status(loss: torch.Tensor, params: List[torch.Tensor], data_error: bool, exhausted: bool) -> List[float]:
+    """[loss, loss bad, params bad, data error, data exhausted] with the flags agreed by all ranks
+    (one small all_reduce and one device sync a step)."""
+    import torch.distributed as dist
+
+    loss = loss.detach().float()
+    norm = torch.nn.utils.get_total_norm(params, norm_type=float("inf"), foreach=True) if params else loss.new_zeros(())
+    flags = torch.stack([
+        (~torch.isfinite(loss)).float(), (~torch.isfinite(norm)).float().to(loss.device),
+        loss.new_tensor(float(data_error)), loss.new_tensor(float(exhausted)),
+    ])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return torch.cat([loss.reshape(1), flags]).tolist()
+
+
 def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
     seed_everything(cfg.train.seed)
     say = print if env.is_main else (lambda *a, **k: None)
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.dir, "checkpoints")
+    writes_checkpoints = bool(cfg.checkpoint.every) or cfg.checkpoint.final
+
+    # Pre-flight: everything that can be checked before a step runs (no work is lost to it).
+    checkpoint.on_main(lambda: check_data(cfg, env.world_size), "the data check")
+    _all_ranks(lambda: checkpoint.check_writable(cfg.logging.dir, "run directory (logging.dir)"), "the run directory check")
+    if writes_checkpoints or resume:
+        _all_ranks(lambda: checkpoint.check_writable(ckpt_dir, "checkpoint directory"), "the checkpoint directory check")
+    if writes_checkpoints and not resume:
+        _warn_if_starting_over(ckpt_dir, say)
+    val = _all_ranks(lambda: validation_batches(cfg), "reading the validation data")
     say(memory_report(cfg))
 
     w = wrap(cfg, env)
     model, unwrapped, optimizer, fused = w.model, w.unwrapped, w.optimizer, w.fused
     optimizers, base_lrs = w.optimizers, w.base_lrs
 
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.logging.dir, "checkpoints")
+    signature = checkpoint_signature(cfg)
     start = 0
     if resume:
-        path = checkpoint.latest_step_dir(ckpt_dir)
-        if path is None:
-            say(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        found = checkpoint.on_main(lambda: checkpoint.find_resume_checkpoint(ckpt_dir, say), "finding the checkpoint")
+        if found is None:
+            say(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
         else:
+            path, manifest = found
+            check_compatible(path, manifest, signature)
             start = checkpoint.load(path, model, optimizer, fused)
             say(f"resumed from {path} (step {start})")
+    meta = {"signature": signature, "config": cfg.to_dict(), "world_size": env.world_size}
 
-    logger = MetricsLogger(cfg.logging.dir, env.is_main, cfg.logging.tensorboard)
-    val = eval_batches(cfg)
     data = train_batches(cfg, start, env.rank, env.world_size)
+    batch: Optional[Any] = None
+    if start < cfg.train.steps:
+        batch, error = _fetch(data)
+        if checkpoint.any_rank(error is not None or batch is None):
+            if error is not None:
+                raise error
+            raise DataError(f"{describe_data(cfg, 'train')}: no training batch for step {start + 1} (on some rank)")
+    logger = MetricsLogger(cfg.logging.dir, env.is_main, cfg.logging.tensorboard)
     progress = None
     if env.is_main and cfg.logging.progress:
         from tqdm import tqdm
@@ -210,62 +316,79 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
 
     result: Optional[EvalResult] = None
     stopped_early = False
+    exhausted = False
     step = start
+    params = _finite_params(model)
     t0 = tick = time.perf_counter()
     running, n_running = 0.0, 0
     model.train()
-    while step < cfg.train.steps:
-        batch = next(data, None)
-        if batch is None:
-            say("training data exhausted")
-            break
-        batch = batch.to(env.device)
-        lr = set_lr(optimizers, base_lrs, lr_factor(cfg.optimizer, step))
-        logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        optimizer.zero_grad()
-        loss.backward()  # a fused ROBE optimizer updates the arrays here
-        optimizer.step()
-        step += 1
-        _maybe_fail(cfg, env, step)
-        running += loss.item()
-        n_running += 1
+    try:
+        while step < cfg.train.steps and not stopped_early and not exhausted:
+            batch = batch.to(env.device)
+            lr = set_lr(optimizers, base_lrs, lr_factor(cfg.optimizer, step))
+            logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            optimizer.zero_grad()
+            loss.backward()  # a fused ROBE optimizer updates the arrays here
+            optimizer.step()
+            step += 1
+            _maybe_fail(cfg, env, step)
+            batch, error = _fetch(data) if step < cfg.train.steps else (None, None)
+            loss_value, bad_loss, bad_params, data_error, no_data = _step_status(
+                loss, params, error is not None, step < cfg.train.steps and error is None and batch is None
+            )
+            if bad_loss or bad_params:
+                what = f"the loss is {loss_value}" if bad_loss else "the parameters hold NaN or inf after the update"
+                latest = checkpoint.latest_step_dir(ckpt_dir)
+                raise TrainingDiverged(
+                    f"step {step}: training diverged: {what} (lr {lr:g}); stopped without writing a checkpoint; "
+                    + (f"the last good checkpoint is {latest}" if latest else "there is no checkpoint")
+                )
+            exhausted = bool(no_data)
+            last = step == cfg.train.steps or exhausted
+            running += loss_value
+            n_running += 1
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            now = time.perf_counter()
-            rate = n_running / max(now - tick, 1e-9)
-            logger.log(step, "train", loss=running / n_running, lr=lr, steps_per_s=rate, elapsed_s=now - t0)
+            if step % cfg.train.log_every == 0 or last:
+                now = time.perf_counter()
+                rate = n_running / max(now - tick, 1e-9)
+                logger.log(step, "train", loss=running / n_running, lr=lr, steps_per_s=rate, elapsed_s=now - t0)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{running / n_running:.4f}", auc=f"{result.auc:.4f}" if result else "-")
+                running, n_running, tick = 0.0, 0, now
             if progress is not None:
-                progress.set_postfix(loss=f"{running / n_running:.4f}", auc=f"{result.auc:.4f}" if result else "-")
-            running, n_running, tick = 0.0, 0, now
+                progress.update(1)
+
+            if (cfg.eval.every and step % cfg.eval.every == 0) or last:
+                result = evaluate_batches(model, val, env.device)
+                logger.log(step, "eval", auc=result.auc, logloss=result.logloss, elapsed_s=time.perf_counter() - t0)
+                if progress is None:
+                    say(f"step {step}: val AUC {result.auc:.4f} logloss {result.logloss:.4f}")
+                target = cfg.train.target_auc
+                if target is not None and result.auc >= target:
+                    stopped_early = step < cfg.train.steps
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                cfg.checkpoint.final and (last or stopped_early)
+            ):
+                checkpoint.save(ckpt_dir, step, model, optimizer, fused, keep=cfg.checkpoint.keep, meta=meta)
+            if stopped_early:
+                say(f"target AUC {cfg.train.target_auc} reached at step {step}")
+            if exhausted:
+                say(f"training data exhausted after step {step} (train.steps {cfg.train.steps})")
+            if data_error:  # the next batch is bad: this step's state is good and was checkpointed as due
+                if error is not None:
+                    raise error
+                raise DataError(f"{describe_data(cfg, 'train')}: reading the training data failed on another rank")
+    finally:
         if progress is not None:
-            progress.update(1)
-
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-            result = evaluate_batches(model, val, env.device)
-            logger.log(step, "eval", auc=result.auc, logloss=result.logloss, elapsed_s=time.perf_counter() - t0)
-            if progress is None:
-                say(f"step {step}: val AUC {result.auc:.4f} logloss {result.logloss:.4f}")
-            target = cfg.train.target_auc
-            if target is not None and result.auc >= target:
-                stopped_early = step < cfg.train.steps
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-            cfg.checkpoint.final and (step == cfg.train.steps or stopped_early)
-        ):
-            checkpoint.save(ckpt_dir, step, model, optimizer, fused, keep=cfg.checkpoint.keep)
-        if stopped_early:
-            say(f"target AUC {cfg.train.target_auc} reached at step {step}")
-            break
-
-    if progress is not None:
-        progress.close()
+            progress.close()
+        logger.close()
     elapsed = time.perf_counter() - t0
     if result is not None:
         say(
             f"done: step {step} in {elapsed:.1f}s ({(step - start) / max(elapsed, 1e-9):.1f} steps/s); "
             f"val AUC {result.auc:.4f} logloss {result.logloss:.4f} on {result.num_samples:,} samples"
         )
-    logger.close()
     return TrainResult(step=step, last_eval=result, stopped_early=stopped_early, model=unwrapped, config=cfg, plan=w.plan)
 
 
@@ -273,4 +396,4 @@ if __name__ == "__main__":
     from robe_torchrec.quiet import silence_fx_tracing_notice
 
     silence_fx_tracing_notice()
-    main()
+    sys.exit(cli())

@@ -446,3 +446,76 @@ def test_binary_rejects_bad_shapes(tmp_path) -> None:
     np.save(labels[0], np.zeros(4, dtype=np.int32))
     with pytest.raises(ValueError, match="day_0_labels.npy: shape"):
         BinaryCriteoDataset(dense, sparse, labels, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: every error is a DataError naming the file
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncated_gz_names_the_file(tmp_path) -> None:
+    from robe_torchrec.data import DataError
+
+    path = write_tsv(str(tmp_path / "day.tsv.gz"), random_rows(3000, seed=20))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"day\.tsv\.gz: truncated or corrupt gzip file after line \d+"):
+        list(CriteoTSVDataset(path, 256))
+
+
+def test_missing_tsv_names_the_file(tmp_path) -> None:
+    from robe_torchrec.data import DataError
+
+    with pytest.raises(DataError, match=r"nope\.tsv: cannot open"):
+        CriteoTSVDataset(str(tmp_path / "nope.tsv"), 4)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"truncated: its header says shape \(5, 13\)"),
+    ("empty", r"empty file \(0 bytes\)"),
+    ("text", "not a NumPy .npy file"),
+    ("pickle", "holds Python objects"),
+    ("missing", "cannot open"),
+])
+def test_bad_npy_names_the_file(tmp_path, damage, message) -> None:
+    from robe_torchrec.data import DataError
+
+    save_day(str(tmp_path), 0, random_rows(5, seed=21, empties=False))
+    dense, sparse, labels = binary_criteo_paths(str(tmp_path), [0])
+    data = open(dense[0], "rb").read()
+    if damage == "missing":
+        os.remove(dense[0])
+    elif damage == "pickle":
+        np.save(dense[0], np.array([[object()] * 13] * 5, dtype=object), allow_pickle=True)
+    else:
+        with open(dense[0], "wb") as f:
+            f.write({"truncate": data[:-40], "empty": b"", "text": b"0.1 0.2\n"}[damage])
+    with pytest.raises(DataError, match=rf"day_0_dense\.npy: {message}"):
+        BinaryCriteoDataset(dense, sparse, labels, 2)
+
+
+def test_binary_bad_values_name_file_and_row(tmp_path) -> None:
+    from robe_torchrec.data import DataError
+
+    save_day(str(tmp_path), 0, random_rows(9, seed=22, empties=False))
+    dense, sparse, labels = binary_criteo_paths(str(tmp_path), [0])
+    y = np.load(labels[0])
+    y[6] = 3
+    np.save(labels[0], y)
+    ds = BinaryCriteoDataset(dense, sparse, labels, 4)
+    with pytest.raises(DataError, match=r"day_0_labels\.npy: row 6: label 3, must be 0 or 1"):
+        ds.check_labels()
+    assert next(ds.iter_batches()).labels.shape[0] == 4  # the first batch (rows 0-3) is fine
+    with pytest.raises(DataError, match=r"day_0_labels\.npy: row 6: label 3"):
+        list(ds)
+    y[6] = 1
+    np.save(labels[0], y)
+    x = np.load(dense[0]).astype(np.float32)
+    x[7, 2] = np.inf
+    np.save(dense[0], x)
+    with pytest.raises(DataError, match=r"day_0_dense\.npy: row 7: non-finite dense value"):
+        list(BinaryCriteoDataset(dense, sparse, labels, 4))
+    # val / test halves count rows of the file: the test half of 9 rows starts at row 5
+    with pytest.raises(DataError, match=r"day_0_dense\.npy: row 7: non-finite"):
+        list(BinaryCriteoDataset(dense, sparse, labels, 4, stage="test"))

@@ -10,11 +10,18 @@ keys keep their defaults. Command-line overrides use dotted paths:
 An override value is parsed as YAML and then checked against the field's type (``"100"`` -> 100
 for an int field; ``"512,256,128"`` or ``"[512, 256, 128]"`` for a list of ints; ``null`` for an
 optional field; a str field takes the text as is).
+
+Files and overrides are read with the YAML 1.2 core schema, not PyYAML's YAML 1.1 one: ``1e-3``
+and ``1E9`` are floats (YAML 1.1 wants ``1.0e-3``), ``010`` is 10 (not octal 8; ``0o10`` is),
+only ``true`` / ``false`` are booleans (``yes``, ``no``, ``on``, ``off`` are strings, so a bool
+field given one is an error rather than a guess), and ``1:30`` or ``1_000`` are not numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,6 +31,57 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# ----- YAML 1.2 core schema -------------------------------------------------------------------
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with the YAML 1.2 core schema's implicit types (bool, int, float)
+    instead of YAML 1.1's; null and everything else unchanged."""
+
+
+_YAML11_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+# Resolvers are tried in the order added: int before float, so "100" is an int.
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_RE, list("tTfF"))
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_RE, list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text, 10)  # leading zeros are decimal in YAML 1.2
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    if text == ".nan":
+        return math.nan
+    return float(text)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def yaml_load(text: Any) -> Any:
+    """Parse YAML text (or a stream) with the YAML 1.2 core schema."""
+    return yaml.load(text, Loader=Yaml12Loader)
 
 
 @dataclass
@@ -263,8 +321,13 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            raw = yaml_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     return {} if raw is None else raw
 
 
@@ -277,8 +340,8 @@ def _parse_override_value(text: str, tp: Any) -> Any:
     if typing.get_origin(base) in (list, List) and not text.strip().startswith("["):
         item = typing.get_args(base)[0]
         parts = [p.strip() for p in text.split(",") if p.strip()]
-        return [p if item is str else yaml.safe_load(p) for p in parts]
-    return yaml.safe_load(text)
+        return [p if item is str else yaml_load(p) for p in parts]
+    return yaml_load(text)
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -300,7 +363,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         try:
             value = _parse_override_value(text, hints[key])
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+            raise ConfigError(f"override {item!r}: cannot parse value: {' '.join(str(e).split())}") from e
         out.setdefault(section, {})[key] = value
     return out
 
@@ -376,5 +439,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"robe.sharding names unknown group(s) {bad}; groups are {sorted(groups)}")
     if cfg.train.fail_at_step < 0:
         raise ConfigError("train.fail_at_step must be >= 0")
+    o = cfg.optimizer
+    for key, value in (("lr", o.lr), ("sparse_lr", o.sparse_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"optimizer.{key}: must be a finite number > 0, got {value!r}")
+    if not (math.isfinite(o.eps) and o.eps >= 0):
+        raise ConfigError(f"optimizer.eps: must be a finite number >= 0, got {o.eps!r}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")

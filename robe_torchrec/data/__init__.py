@@ -9,6 +9,7 @@ from robe_torchrec.data.criteo import (
     hex_to_id,
 )
 from robe_torchrec.data.criteo_binary import BinaryCriteoDataset, batch_plan, binary_criteo_paths
+from robe_torchrec.data.errors import DataError
 from robe_torchrec.data.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
     DEFAULT_CARDINALITIES,
@@ -26,6 +27,7 @@ __all__ = [
     "CRITEO_KAGGLE_CARDINALITIES",
     "CriteoTSVDataset",
     "DEFAULT_CARDINALITIES",
+    "DataError",
     "EVAL_FIRST_BATCH",
     "SyntheticCriteoConfig",
     "SyntheticCriteoDataset",

@@ -20,7 +20,9 @@ What a sample becomes (the same :class:`~torchrec.datasets.utils.Batch` as
 
 Validation: a line with the wrong number of columns, a dense field that is not an integer (parsed
 like Python's ``int``), a categorical field that is not 1-16 hex digits, or a label other than
-``0``/``1``/empty raises a ``ValueError`` naming ``file:line`` (1-based) and the column. With
+``0``/``1``/empty raises a :class:`~robe_torchrec.data.errors.DataError` (a ``ValueError``)
+naming ``file:line`` (1-based) and the column; so does a file that is missing, unreadable or
+truncated (a ``.gz`` that ends early: ``path: truncated or corrupt gzip file after line N``). With
 ``skip_malformed=True`` such lines are dropped instead, counted (``num_skipped`` and
 ``skipped_per_file``, for the latest pass in this process) and reported by a ``logging`` warning at
 the end of each file. An empty label is read as 0, as torchrec's own Criteo row mapper does.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
+import zlib
 from typing import IO, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -50,6 +53,7 @@ from torchrec.datasets.criteo import (
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from robe_torchrec.data.errors import DataError
 from robe_torchrec.data.synthetic import resolve_rank_world
 
 logger = logging.getLogger(__name__)
@@ -246,19 +250,47 @@ def _describe_bad(path: str, lineno: int, row: List[bytes], column: int, has_lab
 
 
 def open_criteo_file(path: str) -> IO[bytes]:
-    """Open a TSV file for reading bytes, gunzipping it if it starts with gzip's magic bytes."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    """Open a TSV file for reading bytes, gunzipping it if it starts with gzip's magic bytes.
+
+    A file that is missing or cannot be read raises :class:`DataError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"\x1f\x8b":
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from e
+
+
+# What a truncated or damaged gzip stream raises while being read: EOFError ("Compressed file
+# ended before the end-of-stream marker was reached"), gzip.BadGzipFile / zlib.error (bad CRC or
+# data), OSError (an I/O error of the file itself).
+_READ_ERRORS = (EOFError, OSError, zlib.error)
+
+
+def read_lines(path: str, f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of open file ``f`` (of ``path``); a read error raises :class:`DataError` naming
+    the file and the last complete line."""
+    n = 0
+    it = iter(f)
+    while True:
+        try:
+            line = next(it)
+        except StopIteration:
+            return
+        except _READ_ERRORS as e:
+            kind = "truncated or corrupt gzip file" if isinstance(f, gzip.GzipFile) else "read error"
+            raise DataError(f"{path}: {kind} after line {n}: {e}") from e
+        n += 1
+        yield line
 
 
 def detect_has_label(path: str) -> Optional[bool]:
     """Whether a Criteo TSV file has the label column, from its first line's column count
     (40: yes, 39: no); None for an empty file. Raises ``ValueError`` for any other count."""
     with open_criteo_file(path) as f:
-        line = f.readline()
+        line = next(read_lines(path, f), b"")
     if not line:
         return None
     num_columns = len(line.rstrip(b"\r\n").split(b"\t"))
@@ -266,7 +298,7 @@ def detect_has_label(path: str) -> Optional[bool]:
         return True
     if num_columns == COLUMNS_WITHOUT_LABEL:
         return False
-    raise ValueError(
+    raise DataError(
         f"{path}:1: {num_columns} tab-separated columns, expected {COLUMNS_WITH_LABEL} "
         f"(with label) or {COLUMNS_WITHOUT_LABEL} (without); pass has_label= to read it anyway"
     )
@@ -368,7 +400,7 @@ class CriteoTSVDataset(IterableDataset):
         found = {path: detect_has_label(path) for path in self.paths}
         kinds = {v for v in found.values() if v is not None}
         if len(kinds) > 1:
-            raise ValueError(
+            raise DataError(
                 "some files have a label column and some do not: "
                 + ", ".join(f"{p} ({'labelled' if v else 'no label'})" for p, v in found.items())
             )
@@ -376,8 +408,8 @@ class CriteoTSVDataset(IterableDataset):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _lines(self, f: IO[bytes], shard: int, num_shards: int) -> Iterable[Tuple[int, bytes]]:
-        numbered = enumerate(f, 1)
+    def _lines(self, path: str, f: IO[bytes], shard: int, num_shards: int) -> Iterable[Tuple[int, bytes]]:
+        numbered = enumerate(read_lines(path, f), 1)
         if self.shard_by == "file" or num_shards == 1:
             return numbered
         return itertools.islice(numbered, shard, None, num_shards)
@@ -399,7 +431,7 @@ class CriteoTSVDataset(IterableDataset):
                     path, linenos[r], rows[r], int(np.argmax(bad[:, r])), self.has_label
                 )
                 if not self.skip_malformed:
-                    raise ValueError(message)
+                    raise DataError(message)
                 skipped += int(bad_rows.sum())
                 first_problem = first_problem or message
                 keep = ~bad_rows
@@ -412,7 +444,7 @@ class CriteoTSVDataset(IterableDataset):
             return parsed
 
         with open_criteo_file(path) as f:
-            for lineno, line in self._lines(f, shard, num_shards):
+            for lineno, line in self._lines(path, f, shard, num_shards):
                 fields = line.rstrip(b"\r\n").split(b"\t")
                 if len(fields) != self.num_columns:
                     message = (
@@ -423,7 +455,7 @@ class CriteoTSVDataset(IterableDataset):
                     if not self.skip_malformed:
                         if rows:
                             convert()  # an earlier bad value is reported first
-                        raise ValueError(message)
+                        raise DataError(message)
                     skipped += 1
                     first_problem = first_problem or message
                     continue

@@ -27,6 +27,12 @@ Labels become float32 ``[B]`` (torchrec's datapipe yields its int32 labels as th
 int64, one per bag (multi-hot: ``pooling_factor`` per bag); batches are the same
 :class:`~torchrec.datasets.utils.Batch` as the TSV and synthetic readers produce.
 
+Validation: every file is checked before it is memory-mapped (:func:`load_npy`): a missing, empty,
+non-NumPy (a text file, pickled objects) or truncated file raises
+:class:`~robe_torchrec.data.errors.DataError` naming it, as do shapes that do not fit. Each batch's
+rows are checked as they are read (dense values finite, labels 0 or 1: ``path: row N: ...``);
+:meth:`BinaryCriteoDataset.check_labels` scans all labels up front.
+
 Why not subclass torchrec's datapipe: its constructor needs ``iopath`` (not a dependency of this
 project) even for local files, and it indexes labels as ``[N, 1]`` only. This module reuses its
 constants and re-implements its batch plan (tested batch for batch against it), see
@@ -39,6 +45,7 @@ import logging
 import os
 import struct
 import zipfile
+import zlib
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -47,6 +54,7 @@ from torchrec.datasets.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from torchrec.datasets.utils import Batch
 
 from robe_torchrec.data.criteo import CRITEO_FEATURE_NAMES, dense_log1p, make_batch
+from robe_torchrec.data.errors import DataError
 from robe_torchrec.data.synthetic import resolve_rank_world
 
 logger = logging.getLogger(__name__)
@@ -69,9 +77,67 @@ def binary_criteo_paths(
     )
 
 
+_LABEL_SCAN_ROWS = 1 << 22  # rows of labels checked at a time by check_labels
+
+
+def _file_size(path: str) -> int:
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from e
+    if size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return size
+
+
+def load_npy(path: str) -> np.ndarray:
+    """A ``.npy`` file memory-mapped read-only, after checking it is one: a missing, empty,
+    non-NumPy (e.g. text, or pickled objects) or truncated file raises :class:`DataError` naming
+    it (``np.load`` would say "mmap length is greater than file size" or "No data left in file")."""
+    size = _file_size(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                shape, _, dtype = np.lib.format._read_array_header(f, version)  # 3.0: utf-8 header
+            data_offset = f.tell()
+    except (ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a NumPy .npy file ({e})") from e
+    if dtype.hasobject:
+        raise DataError(f"{path}: holds Python objects (dtype {dtype}), not numbers; refusing to unpickle it")
+    need = data_offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need:
+        raise DataError(
+            f"{path}: truncated: its header says shape {shape} of {dtype} ({need:,} bytes with the "
+            f"header) but the file has {size:,} bytes"
+        )
+    if need == data_offset:  # no elements: nothing to map
+        return np.zeros(shape, dtype=dtype)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+
+
 def _npz_member(path: str, name: str) -> np.ndarray:
     """Array ``name`` of an ``.npz``, memory-mapped when stored uncompressed (as ``np.savez``
     writes it), else loaded."""
+    _file_size(path)
+    try:
+        return _npz_member_unchecked(path, name)
+    except DataError:
+        raise
+    except KeyError as e:
+        raise DataError(f"{path}: no member {name}.npy (want one array per feature, named 0..25)") from e
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: not a readable .npz file (member {name}): {e}") from e
+
+
+def _npz_member_unchecked(path: str, name: str) -> np.ndarray:
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(f"{name}.npy")
     if info.compress_type == zipfile.ZIP_STORED:
@@ -88,12 +154,16 @@ def _npz_member(path: str, name: str) -> np.ndarray:
                 }.get(version)
                 if read_header is not None:
                     shape, fortran, dtype = read_header(f)
+                    need = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    if os.path.getsize(path) < need:
+                        raise DataError(f"{path}: truncated: member {name} needs {need:,} bytes, the file has "
+                                        f"{os.path.getsize(path):,}")
                     return np.memmap(
                         path, dtype=dtype, mode="r", shape=shape,
                         order="F" if fortran else "C", offset=f.tell(),
                     )  # fmt: skip
     logger.info("%s: member %s is compressed or unusual; loading it into memory", path, name)
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         return npz[name]
 
 
@@ -110,12 +180,12 @@ def _load_sparse(path: str, num_rows: int) -> Sparse:
             if arr.ndim == 1:
                 arr = arr.reshape(-1, 1)
             if arr.ndim != 2 or arr.shape[0] != num_rows:
-                raise ValueError(f"{path}: feature {f} has shape {arr.shape}, want [{num_rows}, P]")
+                raise DataError(f"{path}: feature {f} has shape {arr.shape}, want [{num_rows}, P]")
             feats.append(arr)
         return feats
-    arr = _signed(np.load(path, mmap_mode="r"))
+    arr = _signed(load_npy(path))
     if arr.shape != (num_rows, CAT_FEATURE_COUNT):
-        raise ValueError(f"{path}: shape {arr.shape}, want [{num_rows}, {CAT_FEATURE_COUNT}]")
+        raise DataError(f"{path}: shape {arr.shape}, want [{num_rows}, {CAT_FEATURE_COUNT}]")
     return arr
 
 
@@ -208,20 +278,22 @@ class BinaryCriteoDataset(IterableDataset):
         self.sparse_arrs: List[Sparse] = []
         self.labels_arrs: List[np.ndarray] = []
         for dense_path, sparse_path, labels_path in zip(*self.paths):
-            dense = np.load(dense_path, mmap_mode="r")
+            dense = load_npy(dense_path)
             if dense.ndim != 2 or dense.shape[1] != INT_FEATURE_COUNT:
                 want = f"[N, {INT_FEATURE_COUNT}]"
-                raise ValueError(f"{dense_path}: shape {dense.shape}, want {want}")
+                raise DataError(f"{dense_path}: shape {dense.shape}, want {want}")
             n = dense.shape[0]
-            labels = np.load(labels_path, mmap_mode="r")
+            labels = load_npy(labels_path)
             if labels.shape not in ((n,), (n, 1)):
-                raise ValueError(f"{labels_path}: shape {labels.shape}, want [{n}] or [{n}, 1]")
+                raise DataError(f"{labels_path}: shape {labels.shape}, want [{n}] or [{n}, 1]")
             self.dense_arrs.append(dense)
             self.sparse_arrs.append(_load_sparse(sparse_path, n))
             self.labels_arrs.append(labels.reshape(n))
+        self._row_offset = 0  # row of the first file's first kept row (val/test: half a file)
         if self.stage != "train":
             n = self.dense_arrs[0].shape[0]
             half = slice(0, (n + 1) // 2) if self.stage == "val" else slice((n + 1) // 2, n)
+            self._row_offset = half.start
             self.dense_arrs = [self.dense_arrs[0][half]]
             self.sparse_arrs = [_rows(self.sparse_arrs[0], half)]
             self.labels_arrs = [self.labels_arrs[0][half]]
@@ -257,6 +329,7 @@ class BinaryCriteoDataset(IterableDataset):
                 dense.append(self._dense(self.dense_arrs[i][part]))
                 sparse.append(_rows(self.sparse_arrs[i], part))
                 labels.append(self.labels_arrs[i][part])
+                self._check_rows(i, part.start, dense[-1], labels[-1])
         if self.multi_hot:
             sparse_out: Sparse = [
                 np.concatenate([s[f] for s in sparse]) for f in range(CAT_FEATURE_COUNT)
@@ -264,6 +337,32 @@ class BinaryCriteoDataset(IterableDataset):
         else:
             sparse_out = np.concatenate(sparse)
         return np.concatenate(dense), sparse_out, np.concatenate(labels)
+
+    def _row_name(self, kind: int, i: int, row: int) -> str:
+        """``path: row N`` of kept row ``row`` of file ``i`` (``kind``: 0 dense, 1 sparse, 2 labels)."""
+        return f"{self.paths[kind][i]}: row {row + self._row_offset}"
+
+    def _check_rows(self, i: int, first: int, dense: np.ndarray, labels: np.ndarray) -> None:
+        """Rows about to be batched: float32 dense values must be finite, labels 0 or 1."""
+        bad = ~np.isfinite(dense).all(axis=1)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise DataError(f"{self._row_name(0, i, first + r)}: non-finite dense value(s) {dense[r].tolist()}")
+        bad = (labels != 0) & (labels != 1)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise DataError(f"{self._row_name(2, i, first + r)}: label {labels[r].item()!r}, must be 0 or 1")
+
+    def check_labels(self) -> None:
+        """Scan every label (in chunks: labels are the smallest of the three files) and raise
+        :class:`DataError` naming the file and row of the first that is not 0 or 1."""
+        for i, labels in enumerate(self.labels_arrs):
+            for lo in range(0, labels.shape[0], _LABEL_SCAN_ROWS):
+                chunk = np.asarray(labels[lo : lo + _LABEL_SCAN_ROWS])
+                bad = (chunk != 0) & (chunk != 1)
+                if bad.any():
+                    r = int(np.argmax(bad))
+                    raise DataError(f"{self._row_name(2, i, lo + r)}: label {chunk[r].item()!r}, must be 0 or 1")
 
     def _to_batch(self, dense: np.ndarray, sparse: Sparse, labels: np.ndarray) -> Batch:
         n = dense.shape[0]

@@ -10,16 +10,16 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from robe_torchrec import RobeConfig, RobeEmbeddingBagCollection
 from robe_torchrec.app.config import TrainConfig
-from robe_torchrec.app.data import synthetic_config
+from robe_torchrec.app.data import embedding_tables
 from robe_torchrec.config import full_table_elements
-from robe_torchrec.data import make_tables
 from robe_torchrec.optim import RobeFusedOptimizerConfig, state_numel
 
 BYTES_PER_FLOAT = 4
 
 
 def build_tables(cfg: TrainConfig) -> List[EmbeddingBagConfig]:
-    return make_tables(synthetic_config(cfg), cfg.model.embedding_dim)
+    """The configured data's embedding tables (see :func:`robe_torchrec.app.data.embedding_tables`)."""
+    return embedding_tables(cfg)
 
 
 def robe_configs(cfg: TrainConfig, tables: List[EmbeddingBagConfig]) -> "tuple[Dict[str, RobeConfig], Optional[Dict[str, str]]]":

@@ -116,6 +116,7 @@ def evaluate(
     checkpoint: str = "",
     output: str = "",
     overrides: str = "",
+    exported: str = "",
     image: str = "ghcr.io/pytorch/torchx:0.7.0",
     cpu: int = 2,
     gpu: int = 0,
@@ -130,6 +131,8 @@ def evaluate(
             empty: the config's checkpoint directory.
         output: JSON file for the metrics (empty: print only).
         overrides: space-separated ``section.key=value`` config overrides.
+        exported: a serving artifact (``python -m robe_torchrec.export_checkpoint``) to evaluate
+            instead of a checkpoint (no training code runs).
         image: container image (ignored by the local_cwd scheduler).
         cpu: CPUs (scheduler resource request).
         gpu: GPUs (scheduler resource request).
@@ -142,6 +145,8 @@ def evaluate(
     args = ["evaluate", "--config", config]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
+    if exported:
+        args += ["--exported", exported]
     if output:
         args += ["--output", output]
     extra = shlex.split(overrides)
@@ -157,6 +162,7 @@ def predict(
     checkpoint: str = "",
     overrides: str = "",
     batch_size: int = 4096,
+    exported: str = "",
     image: str = "ghcr.io/pytorch/torchx:0.7.0",
     cpu: int = 2,
     gpu: int = 0,
@@ -173,6 +179,8 @@ def predict(
             empty: the config's checkpoint directory.
         overrides: space-separated ``section.key=value`` config overrides.
         batch_size: samples per forward.
+        exported: a serving artifact (``python -m robe_torchrec.export_checkpoint``) to predict
+            with instead of a checkpoint (no training code runs).
         image: container image (ignored by the local_cwd scheduler).
         cpu: CPUs (scheduler resource request).
         gpu: GPUs (scheduler resource request).
@@ -186,6 +194,8 @@ def predict(
             "--batch_size", str(batch_size)]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
+    if exported:
+        args += ["--exported", exported]
     extra = shlex.split(overrides)
     if extra:
         args += ["--set", *extra]

@@ -37,16 +37,18 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from robe_torchrec.app import checkpoint as ckpt
-from robe_torchrec.app.compat import check_compatible, checkpoint_signature
 from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
 from robe_torchrec.app.data import validation_batches
-from robe_torchrec.app.metrics import evaluate_batches
-from robe_torchrec.app.model import build_model
+
+# The checkpoint path needs the training app's model building and checkpoint code; the
+# --exported path must not import it (a serving machine runs an artifact alone), so those
+# imports live in the functions that load checkpoints.
 
 
 def resolve_checkpoint(cfg: TrainConfig, path: Optional[str]) -> str:
     """A complete ``step_N`` checkpoint directory from ``path`` (or the config's checkpoint dir)."""
+    from robe_torchrec.app import checkpoint as ckpt
+
     directory = path or cfg.checkpoint.dir or os.path.join(cfg.logging.dir, "checkpoints")
     if os.path.isfile(os.path.join(directory, ".metadata")) or os.path.isfile(os.path.join(directory, ckpt.MANIFEST)):
         return directory  # a step_N directory (verified, and any missing file named, by load_model)
@@ -66,6 +68,10 @@ def load_model(cfg: TrainConfig, path: str, device: torch.device) -> torch.nn.Mo
     With a manifest (the training app's checkpoints): verified file by file, and the model /
     tables / ROBE layout it was written with must be the config's. Without one: a warning, and
     the ROBE layout check of ``load_state_dict`` still applies."""
+    from robe_torchrec.app import checkpoint as ckpt
+    from robe_torchrec.app.compat import check_compatible, checkpoint_signature
+    from robe_torchrec.app.model import build_model
+
     if os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
         manifest = ckpt.verify(path)
         check_compatible(path, manifest, checkpoint_signature(cfg), skip=("optimizer",), hint="")
@@ -89,11 +95,25 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def run_evaluate(cfg: TrainConfig, checkpoint: Optional[str], output: Optional[str]) -> Dict[str, Any]:
+    from robe_torchrec.app.metrics import evaluate_batches
+
     path = resolve_checkpoint(cfg, checkpoint)
     device = _device(cfg)
     model = load_model(cfg, path, device)
     r = evaluate_batches(model, validation_batches(cfg), device)
     result: Dict[str, Any] = {"checkpoint": path, "auc": r.auc, "logloss": r.logloss, "num_samples": r.num_samples}
+    return _report(result, output)
+
+
+def run_evaluate_exported(cfg: TrainConfig, artifact: str, output: Optional[str]) -> Dict[str, Any]:
+    """:func:`run_evaluate` for a serving artifact (``python -m robe_torchrec.export_checkpoint``)."""
+    from robe_torchrec.serve import evaluate_exported
+
+    return _report(evaluate_exported(artifact, validation_batches(cfg)), output)
+
+
+def _report(result: Dict[str, Any], output: Optional[str]) -> Dict[str, Any]:
+    """Print (and write) the metrics as strict JSON; non-finite metrics become null plus an error."""
     bad = [k for k in ("logloss", "auc") if not math.isfinite(result[k])]
     if bad:  # JSON has no NaN / Infinity: null (an AUC of non-finite outputs means nothing either)
         result["auc"] = result["logloss"] = None
@@ -137,16 +157,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     p.add_argument("--config", default="configs/synthetic_small.yaml")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
     p.add_argument("--checkpoint", default=None, help="step_N directory or checkpoint directory")
+    p.add_argument("--exported", default=None, help="a serving artifact (.pt2) instead of a checkpoint")
     p.add_argument("--input", nargs="*", default=[], help="predict: Criteo TSV file(s), .gz ok")
     p.add_argument("--output", default=None, help="evaluate: JSON file; predict: probabilities file")
     p.add_argument("--batch_size", type=int, default=4096)
     args, rest = p.parse_known_args(argv)
     cfg = load_config(args.config, list(args.set) + split_cli_overrides(rest))
+    if args.exported and args.checkpoint:
+        p.error("give --checkpoint or --exported, not both")
     if args.mode == "predict":
         if not args.input or not args.output:
             p.error("predict needs --input and --output")
+        if args.exported:
+            from robe_torchrec.serve import predict_exported
+
+            return predict_exported(args.exported, args.input, args.output, args.batch_size)
         return run_predict(cfg, args.checkpoint, args.input, args.output, args.batch_size)
+    if args.exported:
+        return run_evaluate_exported(cfg, args.exported, args.output)
     return run_evaluate(cfg, args.checkpoint, args.output)
+
+
+def _load_errors() -> tuple:
+    """Error types of the loaders that ran (checkpoint and/or artifact): only loaded modules count."""
+    names = (("robe_torchrec.app.checkpoint", "CheckpointError"), ("robe_torchrec.export", "ArtifactError"))
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
@@ -158,7 +193,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (ckpt.CheckpointError, DataError) as e:
+    except (*_load_errors(), DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     if isinstance(result, dict) and "error" in result:

@@ -17,6 +17,8 @@ the program calls.
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -27,6 +29,11 @@ from robe_torchrec.modules.quant_robe_embedding_bag_collection import QuantRobeE
 from robe_torchrec.ops import stored_lookup  # noqa: F401  (registers torch.ops.robe.*)
 
 LAYOUT_FILE = "robe_layout.json"
+
+
+class ArtifactError(ValueError):
+    """A serving artifact that is missing, unreadable, or made under another ROBE layout (names the file)."""
+
 _FIELDS = ("hash_version", "num_elements", "block_size", "seed")
 
 
@@ -77,16 +84,23 @@ def save_exported(program: ExportedProgram, path: str) -> None:
 def load_exported(path: str, expected_layout: Optional[Dict[str, List[Dict[str, int]]]] = None) -> ExportedProgram:
     """Load an artifact written by :func:`save_exported`; refuse one whose layout record does not match
     its own buffers or ``expected_layout`` (as :func:`robe_layouts` returns it)."""
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path}: no such serving artifact")
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a torch.export archive (truncated or another kind of file)")
     extra = {LAYOUT_FILE: ""}
-    program = torch.export.load(path, extra_files=extra)
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - any failure to deserialize: name the file
+        raise ArtifactError(f"{path}: cannot be loaded as a torch.export artifact ({type(exc).__name__}: {exc})") from exc
     if not extra[LAYOUT_FILE]:
-        raise ValueError(f"{path}: not a robe-torchrec serving artifact (no {LAYOUT_FILE} inside)")
+        raise ArtifactError(f"{path}: not a robe-torchrec serving artifact (no {LAYOUT_FILE} inside)")
     recorded = json.loads(extra[LAYOUT_FILE])
     actual = _program_layouts(program)
     if recorded != actual:
-        raise ValueError(f"{path}: the recorded ROBE layout {recorded} does not match the program's buffers {actual}")
+        raise ArtifactError(f"{path}: the recorded ROBE layout {recorded} does not match the program's buffers {actual}")
     if expected_layout is not None and expected_layout != actual:
-        raise ValueError(f"{path}: made with ROBE layout {actual}, expected {expected_layout}; refusing to serve it")
+        raise ArtifactError(f"{path}: made with ROBE layout {actual}, expected {expected_layout}; refusing to serve it")
     return program
 
 

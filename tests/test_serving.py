@@ -277,3 +277,19 @@ def test_checkpoint_to_artifact_then_evaluate_and_predict_without_training_code(
     art = [float(x) for x in (tmp_path / "art_preds.txt").read_text().split()]
     ckpt = [float(x) for x in (tmp_path / "ckpt_preds.txt").read_text().split()]
     assert len(art) == 45 and art == pytest.approx(ckpt, abs=2e-6)
+    # and the CLI: python -m robe_torchrec.evaluate --exported
+    cli_run = subprocess.run([sys.executable, "-m", "robe_torchrec.evaluate", "--config", config, "--set", *over,
+                              "--exported", artifact], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli_run.returncode == 0, cli_run.stderr[-2000:]
+    assert json.loads(cli_run.stdout.strip().splitlines()[-1])["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+
+def test_evaluate_cli_names_a_missing_or_foreign_artifact(tmp_path, capsys) -> None:
+    from robe_torchrec.evaluate import cli
+
+    config = os.path.join(ROOT, "configs", "synthetic_small.yaml")
+    assert cli(["--config", config, "--exported", str(tmp_path / "nope.pt2")]) == 1
+    assert "nope.pt2: no such serving artifact" in capsys.readouterr().err
+    (tmp_path / "text.pt2").write_text("not an archive")
+    assert cli(["--config", config, "--exported", str(tmp_path / "text.pt2")]) == 1
+    assert "text.pt2: not a torch.export archive" in capsys.readouterr().err

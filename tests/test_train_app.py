@@ -43,9 +43,18 @@ def test_mlperf_config_matches_reference():
     assert cfg.model.bottom_mlp == [512, 256, 128] and cfg.model.top_mlp == [1024, 1024, 512, 256, 1]
     assert (cfg.model.dcn_num_layers, cfg.model.dcn_low_rank_dim) == (3, 512)
     assert len(cfg.data.cardinalities) == 26 and cfg.data.cardinalities[20] == 40_000_000
-    assert cfg.data.pooling_factors[20] == 100 and sum(cfg.data.pooling_factors) == 214
+    assert cfg.data.source == "criteo_binary" and cfg.data.multi_hot  # MLPerf's multi-hot files
     assert cfg.optimizer.lr == 0.004 and cfg.train.global_batch_size == 65536
     assert cfg.train.target_auc == 0.80275 and cfg.robe.compression == 1000.0
+
+
+def test_pooling_factors_are_refused_for_file_sources():
+    path = os.path.join(ROOT, "configs", "criteo_tb_mlperf.yaml")
+    pf = "data.pooling_factors=[" + ",".join(["2"] * 26) + "]"
+    for source in ("criteo_binary", "criteo_tsv"):
+        with pytest.raises(ConfigError, match="pooling_factors only shapes synthetic data"):
+            load_config(path, [f"data.source={source}", pf])
+    assert load_config(path, ["data.source=synthetic", pf]).data.pooling_factors == [2] * 26
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):

@@ -423,6 +423,12 @@ def validate(cfg: TrainConfig) -> None:
     d = cfg.data
     if d.pooling_factors and d.cardinalities and len(d.pooling_factors) != len(d.cardinalities):
         raise ConfigError("data.pooling_factors needs one entry per data.cardinalities entry")
+    if d.pooling_factors and d.source != "synthetic":
+        raise ConfigError(
+            f"data.pooling_factors only shapes synthetic data; {d.source} files carry their own bags "
+            "(multi-hot Criteo: data.source=criteo_binary with data.multi_hot=true, torchrec's "
+            "materialised day_<i>_sparse_multi_hot.npz files)"
+        )
     if d.source in ("criteo_tsv", "criteo_binary") and not d.cardinalities:
         raise ConfigError(f"data.cardinalities (nominal table sizes) is required for {d.source}")
     if d.source == "criteo_binary" and (not d.train_days or not d.val_days):

@@ -39,7 +39,8 @@ timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m robe_torchrec.bench.lookup --devi
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 0 ] || status=1
 
-timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m robe_torchrec.bench.inference --device cuda --batch 65536 \
+# tools.fbgemm_shims: CUDA kernels for the fbgemm ops the stock EBC needs (the carried fbgemm is the CPU build)
+timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536 \
   --iters 10 2>&1 | tee "$OUT/inference.log"
 infer_rc=${PIPESTATUS[0]}
 [ "$infer_rc" = 0 ] || status=1

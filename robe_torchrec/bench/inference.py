@@ -9,6 +9,10 @@ model and of the embedding layer alone, median of ``--iters`` batches.
 
     python -m robe_torchrec.bench.inference --device cuda --batch 65536
     python -m robe_torchrec.bench.inference --quick          # CPU smoke run
+
+With the CPU build of fbgemm under a CUDA torch (no CUDA kernels for the stock EBC's offsets), run
+it through the development shims from the repository root:
+``python -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda``.
 """
 
 from __future__ import annotations
@@ -77,9 +81,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         args.batch, args.dim, args.row_scale = min(args.batch, 256), 16, 10_000
         args.block_size = min(args.block_size, args.dim)
     if device.type == "cuda":
-        from robe_torchrec.bench.fbgemm_shims import install_cuda_shims
-
-        install_cuda_shims()
         torch.backends.cuda.matmul.allow_tf32 = True  # both sides alike
     dense, kjt = make_batch(args.batch, args.row_scale, device)
     robe_cfg = RobeConfig.from_compression(tables(1, args.dim), ratio=args.ratio, block_size=args.block_size)

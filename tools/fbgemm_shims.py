@@ -1,16 +1,22 @@
 """CUDA fallbacks for the few fbgemm ops torchrec's unsharded modules call, for machines whose
-fbgemm is the CPU build (fbgemm-gpu-cpu) under a CUDA torch.
+fbgemm is the CPU build (fbgemm-gpu-cpu) under a CUDA torch (a development tool).
 
 The lent GPU machines have no network and cannot take the 465 MB CUDA fbgemm-gpu wheel; torchrec
 then runs on fbgemm-gpu-cpu, whose ops have no CUDA kernels. torchrec's KeyedJaggedTensor computes
 offsets with ``fbgemm::asynchronous_complete_cumsum``; registering a plain-torch CUDA kernel for it
 lets the stock EmbeddingBagCollection (the full-table baseline) and DLRM run on the GPU. Only for
 benchmarks and GPU checks; a real deployment installs the CUDA fbgemm-gpu.
+
+Run a module with the shims installed (from the repository root)::
+
+    python -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536
 """
 
 from __future__ import annotations
 
 import importlib
+import runpy
+import sys
 
 import torch
 
@@ -41,3 +47,19 @@ def install_cuda_shims() -> bool:
     _LIB.impl("asynchronous_complete_cumsum", _complete_cumsum, "CUDA")
     _registered = True
     return True
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    """``python -m tools.fbgemm_shims MODULE [ARGS...]``: install the shims, run MODULE as __main__."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    installed = install_cuda_shims()
+    print(f"# fbgemm CUDA shims {'installed' if installed else 'not needed'}", file=sys.stderr, flush=True)
+    module, sys.argv = argv[0], argv
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

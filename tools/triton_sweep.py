@@ -1,8 +1,8 @@
-"""Tuning sweep of the Triton ROBE kernels (``robe_torchrec/ops/triton_kernels.py``) on CUDA.
+"""Tuning sweep of the Triton ROBE kernels (``robe_torchrec/ops/triton/``) on CUDA (a development tool).
 
 For the shapes of the lookup benchmark, (a) 26 features one-hot and (b) the MLPerf DLRMv2 multi-hot
 pooling factors, batch 65536, D = 128, Z in {32, 128}, m in {26*100000*128/1000, 26,135,627}, it
-times, for a grid of launch parameters of each kernel kind (``triton_kernels.BagConfig`` /
+times, for a grid of launch parameters of each kernel kind (``robe_torchrec.ops.triton.BagConfig`` /
 ``UpdateConfig``: block_bags, unroll, num_warps, num_stages / block_chunks):
 
 - ``forward``: ``pooled_forward``; every candidate's output must be bit-identical to the default
@@ -11,33 +11,33 @@ times, for a grid of launch parameters of each kernel kind (``triton_kernels.Bag
   atomic scatter into the compact gradient, optimizer step); candidates checked against the
   default (touched map and update: equal; scatter: allclose, float atomics reorder sums);
 - the whole fused step (rowwise_adagrad and sgd) with the defaults and with the best configs, and
-  the "before" numbers of the previous kernels (``--legacy``, a copy of the old module) when given,
-  checked against the new ones.
+  the record (sort-based) path, checked against each other.
 
-Then a phase profile of the fused backward (CUDA events around each phase; new and legacy) and a
-torch.profiler kernel table. Kernels are compiled up front by a pool of processes (Triton's disk
+Then a phase profile of the fused backward (CUDA events around each phase), a weighted + MEAN
+check against the reference on a small batch, and a torch.profiler kernel table. Kernels are compiled up front by a pool of processes (Triton's disk
 cache), so the measuring process finds them compiled. Prints compact tables last; writes every
 measurement to ``$OUT/sweep.csv`` (or ``--out``) and the best configurations to ``best.json``.
 
-    python -m robe_torchrec.bench.triton_sweep --legacy .devscratch/legacy_triton_kernels.py
-    TRITON_INTERPRET=1 python -m robe_torchrec.bench.triton_sweep --device cpu --tiny   # smoke test
+    python -m tools.triton_sweep                      # from the repository root, on a CUDA machine
+    TRITON_INTERPRET=1 python -m tools.triton_sweep --device cpu --tiny --batch 8 --m 997 --workers 0  # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
 
 MLPERF_POOLING = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 SHAPES = {"a": (1,) * 26, "b": MLPERF_POOLING}
@@ -46,13 +46,21 @@ M_VALUES = (26 * 100_000 * 128 // 1000, 26_135_627)
 Z_VALUES = (32, 128)
 DIM = 128
 LR, EPS = 0.01, 1e-8
-OPTS = {"sgd": 0, "rowwise_adagrad": 2}
+OPTS = ("sgd", "rowwise_adagrad")
 
 
 def _tk():
-    from robe_torchrec.ops import triton_kernels as tk
+    """The Triton backend package (imported late: TRITON_INTERPRET may be set by then)."""
+    from robe_torchrec.ops import triton as tk
 
     return tk
+
+
+def _update_mode(opt: str):
+    from robe_torchrec.ops.api import OptimizerKind
+    from robe_torchrec.ops.triton.fused import UpdateMode
+
+    return UpdateMode.of(OptimizerKind.parse(opt))
 
 
 # ---- grids -------------------------------------------------------------------------------------
@@ -118,7 +126,6 @@ class Case:
         self.offsets = offsets.to(device)
         self.keys = torch.tensor([table_key(seed, f"t{f}") for f in range(self.F)], dtype=torch.int64).to(device)
         self.mean = torch.zeros(self.F, dtype=torch.bool, device=device)
-        self.mean_i8 = self.mean.to(torch.int8)
         gd = torch.Generator(device=device).manual_seed(seed + 1)
         self.array = (torch.randn(m, generator=gd, device=device) * 0.01).contiguous()
         self.gout = torch.randn(batch, self.F * DIM, generator=gd, device=device)
@@ -131,8 +138,13 @@ class Case:
     def name(self) -> str:
         return f"{self.shape}/Z{self.z}/m{self.m}"
 
-    def args(self):
-        return (self.ids, self.offsets, self.keys, self.mean, None, self.batch, DIM, self.z)
+    def lookup(self, **changes) -> LookupBatch:
+        b = LookupBatch(indices=self.ids, offsets=self.offsets, hash_keys=self.keys, mean=self.mean, weights=None,
+                        batch_size=self.batch, dim=DIM, block_size=self.z, num_elements=self.m)
+        return replace(b, **changes)
+
+    def opt(self, opt: str, state: torch.Tensor) -> OptimizerArgs:
+        return OptimizerArgs(opt, state, LR, EPS)
 
     def state(self, opt: str) -> torch.Tensor:
         if opt == "sgd":
@@ -194,8 +206,8 @@ class Marks:
 
 
 class Sweep:
-    def __init__(self, args, device, legacy, writer=None, shard: Optional[Tuple[int, int]] = None):
-        self.args, self.device, self.legacy, self.writer = args, device, legacy, writer
+    def __init__(self, args, device, writer=None, shard: Optional[Tuple[int, int]] = None):
+        self.args, self.device, self.writer = args, device, writer
         self.measure = shard is None
         self.shard = shard
         self.counter = 0
@@ -227,35 +239,29 @@ class Sweep:
         return row
 
     def run_case(self, case: Case) -> None:
-        tk, L, dev = _tk(), self.legacy, self.device
-        args = case.args()
+        from robe_torchrec.ops.triton import bags, fused, tuning
+
+        tk, dev = _tk(), self.device
+        lb = case.lookup()
         # the bag kernel does not specialise on m: when precompiling, its grid once per (shape, Z)
         grids = self.measure or (case.shape, case.z) not in self.seen
         self.seen.add((case.shape, case.z))
-        B, F, z, m = case.batch, case.F, case.z, case.m
+        z = case.z
         # ---- forward --------------------------------------------------------------------------
         tk.set_kernel_config("forward", None)
-        ref = tk.pooled_forward(case.array, *args)
+        ref = tk.pooled_forward(case.array, lb)
         if self.measure:
-            self.record(case, "forward", "", None, bench(lambda: tk.pooled_forward(case.array, *args), dev, self.reps()),
+            self.record(case, "forward", "", None, bench(lambda: tk.pooled_forward(case.array, lb), dev, self.reps()),
                         case.fwd_floor, check="ref")
-        if L is not None and self.mine():
-            out = L.pooled_forward(case.array, *args)
-            if self.measure:
-                ok = torch.equal(out, ref)
-                ms = bench(lambda: L.pooled_forward(case.array, *args), dev, self.reps())
-                self.record(case, "forward", "", "legacy", ms, case.fwd_floor, check="equal" if ok else "DIFF",
-                            maxdiff=float((out - ref).abs().max()))
-            del out
         for cfg in bag_grid("forward", case.shape, z, self.args.tiny) if grids else []:
             if not self.mine():
                 continue
             tk.set_kernel_config("forward", cfg)
             try:
-                out = tk.pooled_forward(case.array, *args)
+                out = tk.pooled_forward(case.array, lb)
                 if self.measure:
                     ok = torch.equal(out, ref)
-                    ms = bench(lambda: tk.pooled_forward(case.array, *args), dev, self.reps())
+                    ms = bench(lambda: tk.pooled_forward(case.array, lb), dev, self.reps())
                     self.record(case, "forward", "", cfg, ms, case.fwd_floor, check="equal" if ok else "DIFF",
                                 maxdiff=float((out - ref).abs().max()))
                 del out
@@ -265,26 +271,26 @@ class Sweep:
         del ref
 
         # ---- fused backward: the three kernels one by one -------------------------------------
-        keys, mean_i8, ids, offsets, gout = case.keys, case.mean_i8, case.ids, case.offsets, case.gout
+        gout = case.gout
         touched = torch.zeros(case.num_chunks, dtype=torch.int8, device=dev)
-        tk._launch_bags("mark", 2, None, ids, offsets, keys, mean_i8, None, gout, touched, None, B, F, DIM, z, m)
+        bags.launch_bags("mark", bags.BagMode.MARK_CHUNKS, lb, touched, gout=gout)
         rank = torch.cumsum(touched, 0, dtype=torch.int32)
         num_uniq = int(rank[-1])
         compact_ref = torch.zeros(num_uniq, z, device=dev)
-        tk._launch_bags("scatter", 3, None, ids, offsets, keys, mean_i8, None, gout, compact_ref, rank, B, F, DIM, z, m)
+        bags.launch_bags("scatter", bags.BagMode.COMPACT_GRAD, lb, compact_ref, gout=gout, rank=rank)
 
         def mark_fn():
-            tk._launch_bags("mark", 2, None, ids, offsets, keys, mean_i8, None, gout, t2, None, B, F, DIM, z, m)
+            bags.launch_bags("mark", bags.BagMode.MARK_CHUNKS, lb, t2, gout=gout)
 
         def scatter_fn():
-            tk._launch_bags("scatter", 3, None, ids, offsets, keys, mean_i8, None, gout, c2, rank, B, F, DIM, z, m)
+            bags.launch_bags("scatter", bags.BagMode.COMPACT_GRAD, lb, c2, gout=gout, rank=rank)
 
         if self.measure:
             t2 = torch.zeros_like(touched)
             self.record(case, "mark", "", None, bench(mark_fn, dev, self.reps()), check="ref", note=f"U={num_uniq}")
         if self.mine():  # the other marking variant (store only / load first), default launch parameters
-            saved = tk.MARK_LOAD_FIRST
-            tk.MARK_LOAD_FIRST = not saved
+            saved = tuning.MARK_LOAD_FIRST
+            tuning.MARK_LOAD_FIRST = not saved
             try:
                 t2 = torch.zeros_like(touched)
                 mark_fn()
@@ -293,7 +299,7 @@ class Sweep:
                     self.record(case, "mark", "", f"load_first={not saved}", bench(mark_fn, dev, self.reps()),
                                 check="equal" if ok else "DIFF")
             finally:
-                tk.MARK_LOAD_FIRST = saved
+                tuning.MARK_LOAD_FIRST = saved
             c2 = torch.zeros_like(compact_ref)
             self.record(case, "scatter", "", None, bench(scatter_fn, dev, self.reps()), check="ref")
         for kind in ("mark", "scatter"):
@@ -320,88 +326,77 @@ class Sweep:
                     self.record(case, kind, "", cfg, float("nan"), note=f"error: {type(exc).__name__}: {exc}"[:200])
                 tk.set_kernel_config(kind, None)
 
-        for opt, mode in OPTS.items():
+        for opt in OPTS:
+            mode = _update_mode(opt)
             st0 = case.state(opt)
             arr_ref, st_ref = case.array.clone(), st0.clone()
-            tk._launch_chunk_update(arr_ref, st_ref if opt != "sgd" else arr_ref, compact_ref, rank, m, LR, EPS, mode, z,
-                                    touched=touched)
+            fused.launch_chunk_update(arr_ref, st_ref if opt != "sgd" else arr_ref, compact_ref, rank, mode, LR, EPS,
+                                      touched=touched)
             for cfg in [None] + update_grid(self.args.tiny):
                 if cfg is not None and not self.mine():
                     continue
                 tk.set_kernel_config("update", cfg)
                 arr, st = case.array.clone(), st0.clone()
                 st_arg = st if opt != "sgd" else arr
-                tk._launch_chunk_update(arr, st_arg, compact_ref, rank, m, LR, EPS, mode, z, touched=touched)
+                fused.launch_chunk_update(arr, st_arg, compact_ref, rank, mode, LR, EPS, touched=touched)
                 ok = torch.equal(arr, arr_ref) and torch.equal(st, st_ref)
                 if self.measure:
-                    ms = bench(lambda: tk._launch_chunk_update(arr, st_arg, compact_ref, rank, m, LR, EPS, mode, z,
-                                                               touched=touched), dev, self.reps())
+                    ms = bench(lambda: fused.launch_chunk_update(arr, st_arg, compact_ref, rank, mode, LR, EPS,
+                                                                 touched=touched), dev, self.reps())
                     self.record(case, "update", opt, cfg, ms, check="ref" if cfg is None else "equal" if ok else "DIFF")
                 tk.set_kernel_config("update", None)
         compact_ref = None  # free it before the whole-step timings
 
-        # ---- whole fused step: default, best, legacy; checked against each other ---------------
+        # ---- whole fused step: default, best, record path; checked against each other -------
         for opt in OPTS:
             st0 = case.state(opt)
             arr, st = case.array.clone(), st0.clone()
-            tk.pooled_backward_fused(gout, arr, st, *args, opt, LR, EPS)
+            tk.pooled_backward_fused(gout, arr, lb, case.opt(opt, st))
             if self.measure:
                 a2, s2 = case.array.clone(), st0.clone()
-                ms = bench(lambda: tk.pooled_backward_fused(gout, a2, s2, *args, opt, LR, EPS), dev, self.reps(True))
+                ms = bench(lambda: tk.pooled_backward_fused(gout, a2, lb, case.opt(opt, s2)), dev, self.reps(True))
                 self.record(case, "fused", opt, None, ms, case.bwd_floor, check="ref")
-                ms = bench(lambda: (tk.pooled_forward(a2, *args), tk.pooled_backward_fused(gout, a2, s2, *args, opt, LR, EPS)),
+                ms = bench(lambda: (tk.pooled_forward(a2, lb), tk.pooled_backward_fused(gout, a2, lb, case.opt(opt, s2))),
                            dev, self.reps(True))
                 self.record(case, "train", opt, None, ms, check="ref")
                 best = self.best_configs(case)
                 for kind, cfg in best.items():
                     tk.set_kernel_config(kind, cfg)
                 a3, s3 = case.array.clone(), st0.clone()
-                tk.pooled_backward_fused(gout, a3, s3, *args, opt, LR, EPS)
+                tk.pooled_backward_fused(gout, a3, lb, case.opt(opt, s3))
                 diff = float((a3 - arr).abs().max())
                 ok = bool(torch.allclose(a3, arr, rtol=1e-4, atol=1e-5)) and bool(torch.allclose(s3, st, rtol=1e-4, atol=1e-6))
-                ms = bench(lambda: tk.pooled_backward_fused(gout, a3, s3, *args, opt, LR, EPS), dev, self.reps(True))
+                ms = bench(lambda: tk.pooled_backward_fused(gout, a3, lb, case.opt(opt, s3)), dev, self.reps(True))
                 self.record(case, "fused", opt, "best", ms, case.bwd_floor, check="close" if ok else "DIFF", maxdiff=diff,
                             note=";".join(f"{k}:{cfg_str(c)}" for k, c in best.items()))
                 # a training step: forward + fused backward, best configs
                 fwd_best = self.best_of(case, "forward")
                 tk.set_kernel_config("forward", fwd_best)
-                ms = bench(lambda: (tk.pooled_forward(a3, *args), tk.pooled_backward_fused(gout, a3, s3, *args, opt, LR, EPS)),
+                ms = bench(lambda: (tk.pooled_forward(a3, lb), tk.pooled_backward_fused(gout, a3, lb, case.opt(opt, s3))),
                            dev, self.reps(True))
                 self.record(case, "train", opt, "best", ms, check="close" if ok else "DIFF",
                             note=f"forward:{cfg_str(fwd_best)}")
                 for kind in ("forward", "mark", "scatter", "update"):
                     tk.set_kernel_config(kind, None)
-            if z == 32 and self.mine():  # the sort-based path of the new module (for huge, sparse arrays)
-                saved = tk._TOUCHED_MAP_MIN, tk._TOUCHED_MAP_RATIO
-                tk._TOUCHED_MAP_MIN, tk._TOUCHED_MAP_RATIO = 0, 0
+            if z == 32 and self.mine():  # the sort-based record path (for huge, sparse arrays)
+                saved = fused.TOUCHED_MAP_MIN, fused.TOUCHED_MAP_RATIO
+                fused.TOUCHED_MAP_MIN, fused.TOUCHED_MAP_RATIO = 0, 0
                 try:
                     a5, s5 = case.array.clone(), st0.clone()
-                    tk.pooled_backward_fused(gout, a5, s5, *args, opt, LR, EPS)
+                    tk.pooled_backward_fused(gout, a5, lb, case.opt(opt, s5))
                     if self.measure:
                         ok = bool(torch.allclose(a5, arr, rtol=1e-4, atol=1e-5)) and bool(torch.allclose(s5, st, rtol=1e-4, atol=1e-6))
                         diff = float((a5 - arr).abs().max())
-                        ms = bench(lambda: tk.pooled_backward_fused(gout, a5, s5, *args, opt, LR, EPS), dev, self.reps(True))
+                        ms = bench(lambda: tk.pooled_backward_fused(gout, a5, lb, case.opt(opt, s5)), dev, self.reps(True))
                         self.record(case, "fused", opt, "sortpath", ms, case.bwd_floor, check="close" if ok else "DIFF",
-                                    maxdiff=diff, note="unique/searchsorted path, new kernels")
+                                    maxdiff=diff, note="unique/searchsorted record path")
                 finally:
-                    tk._TOUCHED_MAP_MIN, tk._TOUCHED_MAP_RATIO = saved
-            if L is not None and self.mine():
-                a4, s4 = case.array.clone(), st0.clone()
-                L.pooled_backward_fused(gout, a4, s4, *args, opt, LR, EPS)
-                if self.measure:
-                    diff = float((a4 - arr).abs().max())
-                    ok = bool(torch.allclose(a4, arr, rtol=1e-4, atol=1e-5)) and bool(torch.allclose(s4, st, rtol=1e-4, atol=1e-6))
-                    ms = bench(lambda: L.pooled_backward_fused(gout, a4, s4, *args, opt, LR, EPS), dev, self.reps(True))
-                    self.record(case, "fused", opt, "legacy", ms, case.bwd_floor, check="close" if ok else "DIFF",
-                                maxdiff=diff)
-                    ms = bench(lambda: (L.pooled_forward(a4, *args), L.pooled_backward_fused(gout, a4, s4, *args, opt, LR, EPS)),
-                               dev, self.reps(True))
-                    self.record(case, "train", opt, "legacy", ms, check="close" if ok else "DIFF")
+                    fused.TOUCHED_MAP_MIN, fused.TOUCHED_MAP_RATIO = saved
 
     def best_of(self, case: Case, kind: str, opt: str = ""):
         tk = _tk()
         cands = [r for r in self.rows if r["case"] == case.name and r["kind"] == kind and r["opt"] == opt
-                 and r["check"] in ("equal", "close") and r["ms"] == r["ms"] and r["config"] not in ("legacy", "best", "sortpath")
+                 and r["check"] in ("equal", "close") and r["ms"] == r["ms"] and r["config"] not in ("best", "sortpath")
                  and "=" in r["config"] and "load_first" not in r["config"]]
         default = [r for r in self.rows if r["case"] == case.name and r["kind"] == kind and r["opt"] == opt
                    and r["config"] == "default"]
@@ -424,12 +419,12 @@ class Sweep:
 # ---- phase profile -----------------------------------------------------------------------------
 
 
-def profile_phases(case: Case, legacy, opt: str, reps: int) -> Dict[str, Dict[str, float]]:
-    tk, dev = _tk(), case.device
-    B, F, z, m = case.batch, case.F, case.z, case.m
-    ids, offsets, keys, mean_i8, gout = case.ids, case.offsets, case.keys, case.mean_i8, case.gout
-    mode = OPTS[opt]
-    out: Dict[str, Dict[str, float]] = {}
+def profile_phases(case: Case, opt: str, reps: int) -> Dict[str, Dict[str, float]]:
+    """Median milliseconds of each phase of the default (touched-map) fused backward."""
+    from robe_torchrec.ops.triton import bags, fused
+
+    dev, z, lb, gout = case.device, case.z, case.lookup(), case.gout
+    mode = _update_mode(opt)
     runs = []
     for _ in range(reps):
         arr, st = case.array.clone(), case.state(opt)
@@ -437,59 +432,19 @@ def profile_phases(case: Case, legacy, opt: str, reps: int) -> Dict[str, Dict[st
         mk = Marks(dev)
         mk("start")
         touched = torch.zeros(case.num_chunks, dtype=torch.int8, device=dev)
-        tk._launch_bags("mark", 2, None, ids, offsets, keys, mean_i8, None, gout, touched, None, B, F, DIM, z, m)
+        bags.launch_bags("mark", bags.BagMode.MARK_CHUNKS, lb, touched, gout=gout)
         mk("1 mark touched chunks (hash)")
         rank = torch.cumsum(touched, 0, dtype=torch.int32)
         num_uniq = int(rank[-1])
         mk("2 cumsum + host sync for U")
         compact = torch.zeros(num_uniq, z, device=dev)
         mk("3 zero compact [U,Z]")
-        tk._launch_bags("scatter", 3, None, ids, offsets, keys, mean_i8, None, gout, compact, rank, B, F, DIM, z, m)
+        bags.launch_bags("scatter", bags.BagMode.COMPACT_GRAD, lb, compact, gout=gout, rank=rank)
         mk("4 scatter (hash + atomics)")
-        tk._launch_chunk_update(arr, st_arg, compact, rank, m, LR, EPS, mode, z, touched=touched)
+        fused.launch_chunk_update(arr, st_arg, compact, rank, mode, LR, EPS, touched=touched)
         mk("5 optimizer")
         runs.append(mk.durations())
-    out["new"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    if legacy is None:
-        return out
-    L = legacy
-    nb = DIM // z
-    runs = []
-    for _ in range(reps):
-        arr, st = case.array.clone(), case.state(opt)
-        st_arg = st if opt != "sgd" else arr
-        mk = Marks(dev)
-        mk("start")
-        nnz = ids.numel()
-        starts = torch.empty(nnz, nb, dtype=torch.int64, device=dev)
-        bag_of = torch.empty(nnz, dtype=torch.int64, device=dev)
-        scale_of = torch.empty(nnz, dtype=torch.float32, device=dev)
-        grid, meta = L._bag_grid(B, F, DIM, z)
-        L._bag_kernel[grid](gout, ids, offsets, keys, mean_i8, gout, gout, gout, starts, bag_of, scale_of,
-                            B, m, F * DIM, MODE=2, HAS_WEIGHTS=False, **meta)
-        mk("1 record kernel (block starts)")
-        s = starts.view(-1)
-        first = s // z
-        last_in = torch.clamp(s + (z - 1), max=m - 1) // z
-        wraps = s + z > m
-        cand = torch.cat([first, last_in, torch.where(wraps, torch.zeros_like(first), first)])
-        uniq = torch.unique(cand, sorted=True)
-        mk("2 candidates + torch.unique (sync)")
-        rowbase = torch.searchsorted(uniq, first)
-        compact = torch.zeros(uniq.numel(), z, device=dev)
-        mk("3 searchsorted + zero compact")
-        nb_pad, z_pad = L._next_pow2(nb), L._next_pow2(z)
-        block_l = L._rows_per_program(nb_pad * z_pad, nnz)
-        L._scatter_compact_kernel[(L.triton.cdiv(nnz, block_l),)](
-            gout, gout, starts, rowbase, bag_of, scale_of, compact, nnz, B, m, F * DIM,
-            HAS_WEIGHTS=False, DIM=DIM, Z=z, NB_PAD=nb_pad, Z_PAD=z_pad, BLOCK_L=block_l)
-        mk("4 scatter (atomics)")
-        L._launch_chunk_update(arr, st_arg, compact, uniq, m, LR, EPS, mode, z)
-        mk("5 optimizer")
-        runs.append(mk.durations())
-        del starts, bag_of, scale_of, s, first, last_in, wraps, cand, uniq, rowbase, compact
-    out["legacy"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return out
+    return {"touched map": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
 
 
 def torch_profile(case: Case, opt: str) -> str:
@@ -498,11 +453,11 @@ def torch_profile(case: Case, opt: str) -> str:
     tk = _tk()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.type == "cuda" else [])
     arr, st = case.array.clone(), case.state(opt)
-    tk.pooled_forward(arr, *case.args())
-    tk.pooled_backward_fused(case.gout, arr, st, *case.args(), opt, LR, EPS)
+    tk.pooled_forward(arr, case.lookup())
+    tk.pooled_backward_fused(case.gout, arr, case.lookup(), case.opt(opt, st))
     with profile(activities=acts) as prof:
-        tk.pooled_forward(arr, *case.args())
-        tk.pooled_backward_fused(case.gout, arr, st, *case.args(), opt, LR, EPS)
+        tk.pooled_forward(arr, case.lookup())
+        tk.pooled_backward_fused(case.gout, arr, case.lookup(), case.opt(opt, st))
         if case.device.type == "cuda":
             torch.cuda.synchronize()
     for key in ("self_device_time_total", "self_cuda_time_total", "cpu_time_total"):
@@ -514,15 +469,6 @@ def torch_profile(case: Case, opt: str) -> str:
 
 
 # ---- driver --------------------------------------------------------------------------------------
-
-
-def load_legacy(path: Optional[str]):
-    if not path or not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("robe_legacy_triton_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def cases_list(args) -> List[Tuple[str, int, int]]:
@@ -540,8 +486,7 @@ def cases_list(args) -> List[Tuple[str, int, int]]:
 def _precompile_worker(argv: List[str], shard: Tuple[int, int]) -> str:
     args = parse(argv)
     device = torch.device(args.device)
-    legacy = load_legacy(args.legacy)
-    sw = Sweep(args, device, legacy, shard=shard)
+    sw = Sweep(args, device, shard=shard)
     t0 = time.time()
     n_err = 0
     for s, z, m in cases_list(args):
@@ -550,9 +495,9 @@ def _precompile_worker(argv: List[str], shard: Tuple[int, int]) -> str:
             sw.run_case(case)
             if s == "b" and z == int(args.z.split(",")[0]):
                 if shard[0] == 0:
-                    profile_phases(case, legacy, "rowwise_adagrad", 1)
+                    profile_phases(case, "rowwise_adagrad", 1)
                 if shard[0] == 1 % shard[1]:
-                    check_weighted(case, legacy, warm=True)
+                    check_weighted(case)
         except Exception as exc:  # compiled on demand later
             n_err += 1
             print(f"# precompile shard {shard}: {s}/{z}/{m}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -577,26 +522,24 @@ def check_mod(device: torch.device) -> str:
     return f"hash block starts vs torch: {bad} mismatches of {total}"
 
 
-def check_weighted(case: Case, legacy, warm: bool = False) -> str:
-    """Weighted + mean pooling at one case: new vs legacy forward and fused step (default configs)."""
+def check_weighted(case: Case, batch: int = 64) -> str:
+    """Weighted + MEAN pooling on a small batch of the case's shape: Triton forward, dense gradient
+    and fused rowwise_adagrad step against the reference kernel API (default launch parameters)."""
+    from robe_torchrec.ops import reference as ref
+
     tk = _tk()
+    small = Case(case.shape, case.z, case.m, batch, case.device, seed=3, tiny=case.F != len(SHAPES[case.shape]))
     g = torch.Generator(device=case.device).manual_seed(9)
-    w = torch.rand(case.nnz, generator=g, device=case.device) * 2 - 0.5
-    mean = torch.tensor([f % 2 == 0 for f in range(case.F)], device=case.device)
-    a = (case.ids, case.offsets, case.keys, mean, w, case.batch, DIM, case.z)
-    out = tk.pooled_forward(case.array, *a)
-    arr, st = case.array.clone(), case.state("rowwise_adagrad")
-    tk.pooled_backward_fused(case.gout, arr, st, *a, "rowwise_adagrad", LR, EPS)
-    dense = tk.pooled_backward_dense(case.gout, case.m, *a)
-    if legacy is None:
-        return "weighted: no legacy module to compare with"
-    ref = legacy.pooled_forward(case.array, *a)
-    arr2, st2 = case.array.clone(), case.state("rowwise_adagrad")
-    legacy.pooled_backward_fused(case.gout, arr2, st2, *a, "rowwise_adagrad", LR, EPS)
-    dense2 = legacy.pooled_backward_dense(case.gout, case.m, *a)
-    if warm:
-        return ""
-    return (f"weighted+mean {case.name}: forward max|diff| {float((out - ref).abs().max()):.3g} (equal={torch.equal(out, ref)}), "
+    w = torch.rand(small.nnz, generator=g, device=case.device) * 2 - 0.5
+    mean = torch.tensor([f % 2 == 0 for f in range(small.F)], device=case.device)
+    lb = small.lookup(weights=w, mean=mean)
+    out, expected = tk.pooled_forward(small.array, lb), ref.pooled_forward(small.array, lb)
+    arr, st = small.array.clone(), small.state("rowwise_adagrad")
+    tk.pooled_backward_fused(small.gout, arr, lb, small.opt("rowwise_adagrad", st))
+    arr2, st2 = small.array.clone(), small.state("rowwise_adagrad")
+    ref.pooled_backward_fused(small.gout, arr2, lb, small.opt("rowwise_adagrad", st2))
+    dense, dense2 = tk.pooled_backward_dense(small.gout, lb), ref.pooled_backward_dense(small.gout, lb)
+    return (f"weighted+mean {small.name} batch {batch} vs reference: forward max|diff| {float((out - expected).abs().max()):.3g}, "
             f"fused array {float((arr - arr2).abs().max()):.3g} state {float((st - st2).abs().max()):.3g}, "
             f"dense grad max|diff| {float((dense - dense2).abs().max()):.3g} (max|g| {float(dense2.abs().max()):.3g})")
 
@@ -613,7 +556,6 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=-1, help="precompile processes (-1: cores - 2, 0: none)")
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new measurements after this")
     p.add_argument("--precompile-timeout-s", type=float, default=75.0)
-    p.add_argument("--legacy", default=".devscratch/legacy_triton_kernels.py", help="the previous module, for 'before'")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny grids (use with a small --batch and --m)")
     p.add_argument("--no-profile", action="store_true")
@@ -625,13 +567,11 @@ def main(argv=None) -> None:
     args = parse(argv)
     device = torch.device(args.device)
     tk = _tk()
-    legacy = load_legacy(args.legacy)
     os.makedirs(args.out, exist_ok=True)
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)" if tk.interpreted() else "cpu"
-    print(f"# triton sweep: {name}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}, D {DIM}, "
-          f"legacy={'yes' if legacy else 'no'}", flush=True)
+    print(f"# triton sweep: {name}, torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}, D {DIM}", flush=True)
 
     # 1. compile every kernel variant in parallel processes (Triton's disk cache)
     workers = args.workers if args.workers >= 0 else max(1, (os.cpu_count() or 2) - 2)
@@ -660,7 +600,7 @@ def main(argv=None) -> None:
     fields = ["case", "shape", "Z", "m", "kind", "opt", "config", "ms", "floor_gbps", "pct_copy", "check", "maxdiff", "note"]
     writer = csv.DictWriter(sw_args.csv_file, fieldnames=fields)
     writer.writeheader()
-    sw = Sweep(sw_args, device, legacy, writer=writer)
+    sw = Sweep(sw_args, device, writer=writer)
     sw.deadline = t_start + args.budget_s
     if device.type == "cuda":
         n = 1 << 28
@@ -687,9 +627,8 @@ def main(argv=None) -> None:
             print(f"# {case.name} failed: {exc!r}", flush=True)
         if s == "b" and z == 32 and time.time() < sw.deadline:
             for opt in ("rowwise_adagrad",):
-                phase_tables.append((case.name, opt, profile_phases(case, legacy, opt, 3)))
-            if legacy is not None:
-                notes.append(check_weighted(case, legacy))
+                phase_tables.append((case.name, opt, profile_phases(case, opt, 3)))
+            notes.append(check_weighted(case))
             if not args.no_profile and m == M_VALUES[0]:
                 try:
                     phase_tables.append((case.name, "torch.profiler", torch_profile(case, "rowwise_adagrad")))
@@ -702,9 +641,9 @@ def main(argv=None) -> None:
 
     # 4. summary
     best_all = {}
-    print("\n## best vs default vs legacy (median ms; floor GB/s and % of copy for forward / fused)")
-    print(f"| {'case':<20} | {'kind':<8} | {'opt':<15} | {'legacy':>8} | {'default':>8} | {'best':>8} | {'best GB/s (%copy)':>17} | best config")
-    print("|" + "|".join("-" * w for w in (22, 10, 17, 10, 10, 10, 19, 40)) + "|")
+    print("\n## best vs default (median ms; floor GB/s and % of copy for forward / fused)")
+    print(f"| {'case':<20} | {'kind':<8} | {'opt':<15} | {'default':>8} | {'best':>8} | {'best GB/s (%copy)':>17} | best config")
+    print("|" + "|".join("-" * w for w in (22, 10, 17, 10, 10, 19, 40)) + "|")
     for s, z, m in cases_list(args):
         cname = f"{s}/Z{z}/m{m}"
         for kind, opt in (("forward", ""), ("mark", ""), ("scatter", ""), ("update", "rowwise_adagrad"),
@@ -714,9 +653,9 @@ def main(argv=None) -> None:
             if not rows:
                 continue
             get = lambda c: next((r for r in rows if r["config"] == c), None)  # noqa: E731
-            leg, dflt = get("legacy"), get("default")
+            dflt = get("default")
             good = [r for r in rows if r["check"] in ("equal", "close", "ref") and r["ms"] == r["ms"]
-                    and r["config"] not in ("legacy", "sortpath")]
+                    and r["config"] != "sortpath"]
             bad = [r for r in rows if r["check"] == "DIFF"]
             best = min(good, key=lambda r: r["ms"]) if good else None
             if best is not None and kind in ("forward", "mark", "scatter", "update"):
@@ -726,7 +665,7 @@ def main(argv=None) -> None:
             cfg = best["config"] if best else "-"
             if kind in ("fused", "train") and best and best["config"] == "best":
                 cfg = best["note"] or "defaults"
-            print(f"| {cname:<20} | {kind:<8} | {opt:<15} | {f(leg):>8} | {f(dflt):>8} | {f(best):>8} | {bw:>17} | {cfg}"
+            print(f"| {cname:<20} | {kind:<8} | {opt:<15} | {f(dflt):>8} | {f(best):>8} | {bw:>17} | {cfg}"
                   + (f"  !! {len(bad)} DIFF" if bad else ""))
     for cname, title, tab in phase_tables:
         print(f"\n## fused backward phases, {cname}, {title}")

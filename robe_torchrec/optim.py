@@ -3,7 +3,9 @@
 The update happens inside backward, so ``step()`` is a no-op, as for torchrec's own fused
 embedding optimizers; the object exists so that checkpoints see the optimizer state, so that
 ``DistributedModelParallel.fused_optimizer`` / ``CombinedOptimizer`` can hold it, and so that LR
-schedulers can drive it: the kernel reads ``param_groups[0]["lr"]`` at every backward.
+schedulers can drive it: the kernel reads ``param_groups[0]["lr"]`` at every backward (through
+:meth:`RobeFusedOptimizerBase.kernel_args`, the plain data the ops layer takes). The state size of
+every rule is :func:`state_numel` (defined with the kernel API in ``robe_torchrec.ops.api``).
 
 Update rules (per step, gradient g summed over the batch first; chunk j = array elements
 [j*Z, min((j+1)*Z, m))):
@@ -23,7 +25,18 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torchrec.optim.fused import FusedOptimizer
 
-FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+from robe_torchrec.ops.api import FUSED_OPTIMIZERS, OptimizerArgs, state_numel
+
+__all__ = [
+    "FUSED_OPTIMIZERS",
+    "STATE_NAME",
+    "RobeFusedOptimizer",
+    "RobeFusedOptimizerBase",
+    "RobeFusedOptimizerConfig",
+    "mark_in_backward",
+    "state_numel",
+]
+
 STATE_NAME = "momentum1"  # FBGEMM / torchrec name of the (row-wise) Adagrad accumulator
 
 
@@ -45,15 +58,6 @@ class RobeFusedOptimizerConfig:
             raise ValueError(f"fused optimizer lr must be >= 0, got {self.lr}")
         if not self.eps > 0:
             raise ValueError(f"fused optimizer eps must be > 0, got {self.eps}")
-
-
-def state_numel(optimizer: str, num_elements: int, block_size: int) -> int:
-    """Elements of optimizer state for one array: 0 (sgd), m (adagrad), ceil(m/Z) (row-wise)."""
-    if optimizer == "sgd":
-        return 0
-    if optimizer == "adagrad":
-        return num_elements
-    return (num_elements + block_size - 1) // block_size
 
 
 class RobeFusedOptimizerBase(FusedOptimizer):
@@ -81,6 +85,18 @@ class RobeFusedOptimizerBase(FusedOptimizer):
     def state_of(self, param: torch.Tensor) -> torch.Tensor:
         """The (local) accumulator of one array (empty for SGD)."""
         raise NotImplementedError
+
+    def kernel_args(self, param: torch.Tensor) -> OptimizerArgs:
+        """What the lookup kernels need to step ``param`` in backward, as plain data: the kind,
+        the (local) state, and readers of lr / eps that look at ``param_groups`` when the backward
+        runs (so LR schedulers are honoured). Built once per forward."""
+        return OptimizerArgs(kind=self.config.optimizer, state=self.state_of(param), lr=self._read_lr, eps=self._read_eps)
+
+    def _read_lr(self) -> float:
+        return self.lr
+
+    def _read_eps(self) -> float:
+        return self.eps
 
 
 class RobeFusedOptimizer(RobeFusedOptimizerBase):

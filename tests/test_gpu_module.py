@@ -98,3 +98,25 @@ def test_dlrm_trains_on_cuda_with_triton_kernel():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-30:]) / 30 < 0.85 * sum(losses[:10]) / 10
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_triton_forward_does_not_sync_on_cuda(grouped):
+    """No device-to-host sync in a forward (issue 10.2): one group with two dims (per-dim runs) or
+    two groups (offset windows), after a warm-up that compiles and caches keys and flags."""
+    if grouped:
+        robe = {"g1": RobeConfig(num_elements=100_003, block_size=8, seed=1), "g2": RobeConfig(num_elements=50_021, block_size=32, seed=2)}
+        module = RobeEmbeddingBagCollection(
+            TABLES, robe, table_to_group={"t0": "g1", "t1": "g2", "t2": "g2"}, device="cuda", kernel="triton"
+        )
+    else:
+        module = RobeEmbeddingBagCollection(TABLES, RobeConfig(num_elements=100_003, block_size=8), device="cuda", kernel="triton")
+    kjt = _kjt(7, 256, "cuda")
+    expected = module(kjt).values()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = module(kjt).values()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, expected)

@@ -1,5 +1,6 @@
 """The C++ CPU kernel (robe_torchrec.ops.cpu) against the reference kernel API and torch.optim."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +10,7 @@ import torch
 from robe_torchrec.hashing import block_offsets, table_key
 from robe_torchrec.ops import cpu
 from robe_torchrec.ops import reference as ref
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
 from tests.test_hashing import GOLDEN
 
 
@@ -42,9 +44,13 @@ class Case:
     def m(self) -> int:
         return self.array.numel()
 
-    def args(self):
-        """The shared tail of the kernel API's arguments."""
-        return (self.indices, self.offsets, self.hash_keys, self.mean, self.weights, self.B, self.D, self.Z)
+    def batch(self, **changes) -> LookupBatch:
+        """The kernel API's lookup batch (fields replaced by ``changes``)."""
+        b = LookupBatch(
+            indices=self.indices, offsets=self.offsets, hash_keys=self.hash_keys, mean=self.mean, weights=self.weights,
+            batch_size=self.B, dim=self.D, block_size=self.Z, num_elements=self.m,
+        )
+        return dataclasses.replace(b, **changes)
 
     def grad_out(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -140,8 +146,8 @@ def test_cpp_hash_matches_torch(ext, m):
 
 
 def test_forward_matches_reference(ext, case):
-    out = cpu.pooled_forward(case.array, *case.args())
-    expected = ref.pooled_forward(case.array, *case.args())
+    out = cpu.pooled_forward(case.array, case.batch())
+    expected = ref.pooled_forward(case.array, case.batch())
     assert out.shape == expected.shape == (case.B, case.hash_keys.shape[0] * case.D)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, **TOL)
@@ -149,7 +155,7 @@ def test_forward_matches_reference(ext, case):
 
 def test_forward_empty_bags_are_zero(ext):
     c = make_case(2, 6, 8, 4, 50, empty_frac=0.6, mean="all", seed=3)
-    out = cpu.pooled_forward(c.array, *c.args()).view(c.B, 2, c.D)
+    out = cpu.pooled_forward(c.array, c.batch()).view(c.B, 2, c.D)
     lengths = (c.offsets[1:] - c.offsets[:-1]).view(2, c.B).t()
     assert bool((lengths == 0).any())
     assert bool((out[lengths == 0] == 0).all())
@@ -157,8 +163,8 @@ def test_forward_empty_bags_are_zero(ext):
 
 def test_dense_backward_matches_reference(ext, case):
     go = case.grad_out(5)
-    grad = cpu.pooled_backward_dense(go, case.m, *case.args())
-    expected = ref.pooled_backward_dense(go, case.m, *case.args())
+    grad = cpu.pooled_backward_dense(go, case.batch())
+    expected = ref.pooled_backward_dense(go, case.batch())
     assert grad.shape == (case.m,)
     torch.testing.assert_close(grad, expected, **TOL)
 
@@ -169,12 +175,12 @@ def test_fused_step_matches_reference(ext, case, optimizer):
     state = _state(case, optimizer)
     a_cpu, s_cpu = case.array.clone(), state.clone()
     a_ref, s_ref = case.array.clone(), state.clone()
-    cpu.pooled_backward_fused(go, a_cpu, s_cpu, *case.args(), optimizer, 0.05, 1e-8)
-    ref.pooled_backward_fused(go, a_ref, s_ref, *case.args(), optimizer, 0.05, 1e-8)
+    cpu.pooled_backward_fused(go, a_cpu, case.batch(), OptimizerArgs(optimizer, s_cpu, 0.05, 1e-8))
+    ref.pooled_backward_fused(go, a_ref, case.batch(), OptimizerArgs(optimizer, s_ref, 0.05, 1e-8))
     torch.testing.assert_close(a_cpu, a_ref, **TOL)
     torch.testing.assert_close(s_cpu, s_ref, **TOL)
     # Elements with a zero gradient keep their exact bits (in a touched chunk too: M -= 0).
-    untouched = ref.pooled_backward_dense(go, case.m, *case.args()) == 0
+    untouched = ref.pooled_backward_dense(go, case.batch()) == 0
     assert torch.equal(a_cpu[untouched], case.array[untouched])
 
 
@@ -186,8 +192,8 @@ def test_three_fused_steps_match_reference(ext, optimizer):
     a_ref, s_ref = c.array.clone(), state.clone()
     for step in range(3):
         go = c.grad_out(100 + step)
-        cpu.pooled_backward_fused(go, a_cpu, s_cpu, *c.args(), optimizer, 0.1, 1e-6)
-        ref.pooled_backward_fused(go, a_ref, s_ref, *c.args(), optimizer, 0.1, 1e-6)
+        cpu.pooled_backward_fused(go, a_cpu, c.batch(), OptimizerArgs(optimizer, s_cpu, 0.1, 1e-6))
+        ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs(optimizer, s_ref, 0.1, 1e-6))
     torch.testing.assert_close(a_cpu, a_ref, **TOL)
     torch.testing.assert_close(s_cpu, s_ref, **TOL)
 
@@ -209,9 +215,9 @@ def test_fused_equals_torch_optim(ext, optimizer):
     array = c.array.clone()
     for step in range(2):
         go = c.grad_out(200 + step)
-        param.grad = ref.pooled_backward_dense(go, c.m, *c.args())
+        param.grad = ref.pooled_backward_dense(go, c.batch())
         opt.step()
-        cpu.pooled_backward_fused(go, array, state, *c.args(), optimizer, lr, eps)
+        cpu.pooled_backward_fused(go, array, c.batch(), OptimizerArgs(optimizer, state, lr, eps))
     torch.testing.assert_close(array, param.detach(), **TOL)
     if optimizer == "adagrad":
         torch.testing.assert_close(state, opt.state[param]["sum"], **TOL)
@@ -222,7 +228,7 @@ def test_rowwise_adagrad_formula(ext):
     c = make_case(2, 9, 8, 4, 43, max_len=4, weighted=True, seed=41)  # 43 = 10 chunks of 4 + 3
     lr, eps = 0.3, 1e-5
     go = c.grad_out(7)
-    g = ref.pooled_backward_dense(go, c.m, *c.args()).double()
+    g = ref.pooled_backward_dense(go, c.batch()).double()
     state = _state(c, "rowwise_adagrad")
     expected_m, expected_s = c.array.double().clone(), state.double().clone()
     for j in range(state.numel()):
@@ -230,7 +236,7 @@ def test_rowwise_adagrad_formula(ext):
         expected_s[j] += (g[lo:hi] ** 2).sum() / (hi - lo)
         expected_m[lo:hi] -= lr * g[lo:hi] / (expected_s[j].sqrt() + eps)
     array = c.array.clone()
-    cpu.pooled_backward_fused(go, array, state, *c.args(), "rowwise_adagrad", lr, eps)
+    cpu.pooled_backward_fused(go, array, c.batch(), OptimizerArgs("rowwise_adagrad", state, lr, eps))
     torch.testing.assert_close(state, expected_s.float(), **TOL)
     torch.testing.assert_close(array, expected_m.float(), **TOL)
 
@@ -250,16 +256,16 @@ def test_deterministic_and_thread_count_independent(ext, optimizer):
         for n in (threads, threads, 1, 3):
             torch.set_num_threads(n)
             a, s = c.array.clone(), _state(c, optimizer)
-            cpu.pooled_backward_fused(go, a, s, *c.args(), optimizer, 0.1, 1e-8)
-            dense = cpu.pooled_backward_dense(go, c.m, *c.args())
-            results.append((a, s, dense, cpu.pooled_forward(c.array, *c.args())))
+            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs(optimizer, s, 0.1, 1e-8))
+            dense = cpu.pooled_backward_dense(go, c.batch())
+            results.append((a, s, dense, cpu.pooled_forward(c.array, c.batch())))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for x, y in zip(results[0], other):
             assert torch.equal(x, y)
     # ~500 contributions per element, summed in another order than the reference's: looser here.
-    torch.testing.assert_close(results[0][2], ref.pooled_backward_dense(go, c.m, *c.args()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][2], ref.pooled_backward_dense(go, c.batch()), rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- input validation
@@ -268,27 +274,46 @@ def test_deterministic_and_thread_count_independent(ext, optimizer):
 def test_rejects_bad_inputs(ext):
     c = make_case(2, 4, 8, 4, 40, seed=61)
     with pytest.raises(RuntimeError, match="indices must be int64"):
-        cpu.pooled_forward(c.array, c.indices.int(), *c.args()[1:])
+        cpu.pooled_forward(c.array, c.batch(indices=c.indices.int()))
     with pytest.raises(RuntimeError, match="offsets"):
-        cpu.pooled_forward(c.array, c.indices, c.offsets[:-1], *c.args()[2:])
+        cpu.pooled_forward(c.array, c.batch(offsets=c.offsets[:-1]))
     with pytest.raises(RuntimeError, match="float32"):
-        cpu.pooled_forward(c.array.double(), *c.args())
+        cpu.pooled_forward(c.array.double(), c.batch())
     with pytest.raises(RuntimeError, match="multiple of block_size"):
-        cpu.pooled_forward(c.array, *c.args()[:-2], 6, 4)
+        cpu.pooled_forward(c.array, c.batch(dim=6, block_size=4))
     with pytest.raises(RuntimeError, match="num_elements"):
-        cpu.pooled_forward(c.array[:3], *c.args())
-    with pytest.raises(RuntimeError, match="unknown fused optimizer"):
-        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), torch.empty(0), *c.args(), "adam", 0.1, 1e-8)
+        cpu.pooled_forward(c.array[:3], c.batch(num_elements=3))
+    with pytest.raises(ValueError, match="num_elements"):
+        cpu.pooled_forward(c.array[:3], c.batch())  # the array is not the batch's
+    # an unknown optimizer cannot even be named: OptimizerArgs takes an OptimizerKind
+    with pytest.raises(ValueError, match="unknown fused optimizer"):
+        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), c.batch(), OptimizerArgs("adam", torch.empty(0), 0.1, 1e-8))
     with pytest.raises(RuntimeError, match="rowwise_adagrad state"):
         bad_state = torch.zeros(c.m)  # adagrad's shape, not [ceil(m / Z)]
-        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), bad_state, *c.args(), "rowwise_adagrad", 0.1, 1e-8)
+        cpu.pooled_backward_fused(c.grad_out(0), c.array.clone(), c.batch(), OptimizerArgs("rowwise_adagrad", bad_state, 0.1, 1e-8))
     with pytest.raises(RuntimeError, match="grad_out"):
-        cpu.pooled_backward_dense(torch.zeros(c.B, 3), c.m, *c.args())
+        cpu.pooled_backward_dense(torch.zeros(c.B, 3), c.batch())
+
+
+def test_offsets_window(ext):
+    """Offsets may be a window of the ids (one group of a larger batch): the C++ call gets it cut out."""
+    c = make_case(2, 5, 8, 4, 61, weighted=True, seed=81)
+    ids = torch.cat([torch.tensor([3, -9]), c.indices, torch.tensor([17])])
+    w = torch.cat([torch.ones(2), c.weights, torch.ones(1)])
+    window = c.batch(indices=ids, offsets=c.offsets + 2, weights=w)
+    go = c.grad_out(3)
+    torch.testing.assert_close(cpu.pooled_forward(c.array, window), ref.pooled_forward(c.array, c.batch()), **TOL)
+    torch.testing.assert_close(cpu.pooled_backward_dense(go, window), ref.pooled_backward_dense(go, c.batch()), **TOL)
+    a_cpu, s_cpu, a_ref, s_ref = c.array.clone(), torch.zeros(c.m), c.array.clone(), torch.zeros(c.m)
+    cpu.pooled_backward_fused(go, a_cpu, window, OptimizerArgs("adagrad", s_cpu, 0.1, 1e-8))
+    ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs("adagrad", s_ref, 0.1, 1e-8))
+    torch.testing.assert_close(a_cpu, a_ref, **TOL)
+    torch.testing.assert_close(s_cpu, s_ref, **TOL)
 
 
 def test_fused_bumps_version_counter(ext):
     c = make_case(2, 4, 8, 4, 40, seed=71)
     array = c.array.clone()
     before = array._version
-    cpu.pooled_backward_fused(c.grad_out(0), array, torch.empty(0), *c.args(), "sgd", 0.1, 1e-8)
+    cpu.pooled_backward_fused(c.grad_out(0), array, c.batch(), OptimizerArgs("sgd", torch.empty(0), 0.1, 1e-8))
     assert array._version > before

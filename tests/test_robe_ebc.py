@@ -8,7 +8,9 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from robe_torchrec import RobeConfig, RobeEmbeddingBagCollection
+from robe_torchrec.modules import robe_embedding_bag_collection as rebc
 from robe_torchrec.hashing import block_offset_scalar, table_key
+from robe_torchrec.optim import RobeFusedOptimizerConfig
 from tests.slow_reference import bags_of, pooled_slow, weights_of
 
 EDGE_IDS = [0, -1, 2**63 - 1, -(2**63), 2**32, -(2**31)]
@@ -320,3 +322,75 @@ def test_duplicate_table_names():
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])] * 2
     with pytest.raises(ValueError, match="duplicate table"):
         RobeEmbeddingBagCollection(tables, RobeConfig(num_elements=40, block_size=2))
+
+
+# ----- no host reads in the forward (issue 10.2) ---------------------------------------------
+
+_GROUP_TABLES = [
+    EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa", "fb"]),
+    EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=20, feature_names=["fc"], pooling=PoolingType.MEAN),
+    EmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=30, feature_names=["fd"]),
+]
+_GROUPS = {"g1": RobeConfig(num_elements=41, block_size=4, seed=1), "g2": RobeConfig(num_elements=29, block_size=2, seed=2)}
+
+
+def _grouped(kernel: str, weighted: bool = False, **kw) -> RobeEmbeddingBagCollection:
+    return RobeEmbeddingBagCollection(
+        _GROUP_TABLES, _GROUPS, table_to_group={"a": "g2", "b": "g1", "c": "g1"}, is_weighted=weighted, kernel=kernel, **kw
+    )
+
+
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_several_groups_match_slow_reference(kernel, weighted):
+    """Each group pools its window of the KJT's offsets (the ids are not cut on the host)."""
+    module = _grouped(kernel, weighted)
+    kjt = _random_kjt(["fd", "fc", "fb", "fa"], batch=4, rng=random.Random(21 + weighted), weighted=weighted)
+    torch.testing.assert_close(module(kjt).values().double(), _expected(module, kjt), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [None, RobeFusedOptimizerConfig("adagrad", lr=0.1)])
+def test_forward_reads_no_tensor_on_the_host(monkeypatch, fused):
+    """With the data checks off (the GPU default), a multi-group forward (and the reference fused
+    path) never turns a tensor into a Python value: no device sync per forward."""
+    module = _grouped("reference", fused_optimizer=fused)
+    kjt = _random_kjt(["fa", "fb", "fc", "fd"], batch=4, rng=random.Random(3), weighted=False)
+    expected = module(kjt).values()  # warm-up (caches keys and flags) with the CPU checks on
+    monkeypatch.setattr(rebc, "_data_checks_on", lambda module, device: False)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host during the forward")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = module(kjt).values()
+    monkeypatch.undo()
+    torch.testing.assert_close(out, expected)
+
+
+def test_data_checks_policy(monkeypatch):
+    monkeypatch.delenv("ROBE_TORCHREC_DEBUG_CHECKS", raising=False)
+    module = _grouped("reference")
+    assert rebc._data_checks_on(module, torch.device("cpu"))  # free on CPU: always
+    assert not rebc._data_checks_on(module, torch.device("cuda"))
+    module.debug_checks = True
+    assert rebc._data_checks_on(module, torch.device("cuda"))
+    monkeypatch.setenv("ROBE_TORCHREC_DEBUG_CHECKS", "1")
+    assert _grouped("reference").debug_checks
+    assert rebc._data_checks_on(torch.nn.Module(), torch.device("cuda"))  # borrowers of _validated: the env
+    monkeypatch.setenv("ROBE_TORCHREC_DEBUG_CHECKS", "0")
+    assert not _grouped("reference").debug_checks
+
+
+def test_negative_lengths_are_named(module):
+    kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.tensor([1, 2]), lengths=torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="negative lengths"):
+        module(kjt)
+
+
+def test_offsets_not_matching_lengths_are_named(module):
+    kjt = KeyedJaggedTensor(
+        keys=["f", "g"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]), offsets=torch.tensor([0, 1, 2, 2])
+    )
+    with pytest.raises(ValueError, match="offsets"):
+        module(kjt)

@@ -32,7 +32,7 @@ import torch
 
 from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.lookup import resolve_kernel, robe_pooled_lookup
-from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig
+from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig, state_numel
 
 MLPERF_POOLING = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 MLPERF_ROWS = (
@@ -166,9 +166,9 @@ def bench_robe(shape, ids, offsets, kernel, ratio, block_size, iters, warmup, de
 
         rows.append(dict(side=f"robe-{kernel}", step=f"train {opt_name}", ms=timed(train, iters, warmup, device)))
     rows[0]["floor_bytes"] = forward_floor_bytes(shape, m)
-    state = m + (m + block_size - 1) // block_size
     for r in rows:
-        r["mbytes"] = 4 * (m + (state - m if "rowwise" in r["step"] else m if r["step"] == "train adagrad" else 0)) / 1e6
+        opt_name = r["step"].replace("train ", "") if r["step"].startswith("train ") else "sgd"  # forward: no state
+        r["mbytes"] = 4 * (m + state_numel(opt_name, m, block_size)) / 1e6
     return rows
 
 

@@ -9,6 +9,7 @@ than a vocabulary. It subclasses ``EmbeddingBagCollectionInterface``, not
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -31,6 +32,30 @@ from robe_torchrec.optim_in_backward import adopt_in_backward_optimizer
 
 DEFAULT_GROUP = "default"
 _EXTRA_STATE_KEY = "_extra_state"
+DEBUG_CHECKS_ENV = "ROBE_TORCHREC_DEBUG_CHECKS"
+
+
+def debug_checks_from_env() -> bool:
+    """Whether ``ROBE_TORCHREC_DEBUG_CHECKS`` asks for the data-dependent KJT checks on every device."""
+    return os.environ.get(DEBUG_CHECKS_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _data_checks_on(module: nn.Module, device: torch.device) -> bool:
+    """Check the lengths' values: always on CPU (free), elsewhere only with the module's
+    ``debug_checks`` (modules that borrow ``_validated`` without the attribute: the env var)."""
+    if device.type == "cpu":
+        return True
+    flag = getattr(module, "debug_checks", None)
+    return debug_checks_from_env() if flag is None else bool(flag)
+
+
+def _check_lengths(lengths: torch.Tensor, num_ids: int) -> None:
+    """Lengths sum to the number of ids and none is negative (reads two values on the host)."""
+    total, negative = torch.stack([lengths.sum().to(torch.int64), (lengths < 0).any().to(torch.int64)]).tolist()
+    if total != num_ids:
+        raise ValueError(f"KJT lengths sum to {total} but it has {num_ids} ids")
+    if negative:
+        raise ValueError("KJT has negative lengths")
 
 
 class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
@@ -53,7 +78,10 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             ``.grad`` for a plain torch optimizer / DDP (data-parallel training).
 
     Input contract: every configured feature must be a key of the KJT (missing ones raise);
-    extra keys are ignored, as torchrec's EmbeddingBagCollection ignores them. Ids may be any
+    extra keys are ignored, as torchrec's EmbeddingBagCollection ignores them. Keys, dtypes and
+    shapes are validated on every forward; that the lengths sum to the number of ids (and none is
+    negative) is checked on CPU, and on a GPU only with ``module.debug_checks = True`` or
+    ``ROBE_TORCHREC_DEBUG_CHECKS=1`` (it needs a device-to-host sync per forward). Ids may be any
     int64 (negative too: the hash reads the id's 64-bit two's-complement form) or int32.
     The array is ``arrays.<group>`` in the state dict.
     """
@@ -77,6 +105,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self._kernel = kernel
+        #: Check KJT lengths against the ids on accelerators too (one device sync per forward;
+        #: on CPU they are always checked). Default: ``ROBE_TORCHREC_DEBUG_CHECKS=1``.
+        self.debug_checks = debug_checks_from_env()
 
         self._embedding_names: List[str] = [
             n for names in get_embedding_names_by_table(tables) for n in names
@@ -207,26 +238,20 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         for group, layout in self._layouts.items():
             f0, f1 = first_feature, first_feature + layout.num_features
             first_feature = f1
-            bag0, bag1 = f0 * batch_size, f1 * batch_size
-            group_offsets = offsets[bag0 : bag1 + 1]
-            if len(self._layouts) > 1:
-                start = group_offsets[0]
-                lo, hi = int(start), int(group_offsets[-1])
-                group_ids, group_offsets = ids[lo:hi], group_offsets - start
-                group_weights = None if weights is None else weights[lo:hi]
-            else:
-                group_ids, group_weights = ids, weights
+            array = self.arrays[group]
+            # One group's bags are a window of the KJT's offsets; the kernels take the whole
+            # batch's ids and weights with it, so no offset is read on the host.
             outputs.append(
                 robe_pooled_lookup(
-                    self.arrays[group],
-                    group_ids,
-                    group_offsets,
+                    array,
+                    ids,
+                    offsets[f0 * batch_size : f1 * batch_size + 1],
                     layout,
                     self._keys_for(group),
                     batch_size,
-                    group_weights,
+                    weights,
                     kernel=self._kernel,
-                    fused_optimizer=self._fused_optimizer,
+                    fused_optimizer=None if self._fused_optimizer is None else self._fused_optimizer.kernel_args(array),
                 )
             )
         pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -257,7 +282,12 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         return torch.cat(ordered, dim=1)  # type: ignore[arg-type]
 
     def _validated(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Check the KJT against the configs and bring it into canonical feature order."""
+        """Check the KJT against the configs and bring it into canonical feature order.
+
+        Keys, dtypes and every shape are checked on every call (no device sync). The values of
+        the lengths (they sum to the number of ids, none is negative) are checked where that is
+        free, on CPU tensors, and elsewhere only with ``debug_checks`` (a GPU sync per forward).
+        """
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(
                 f"{type(self).__name__} expects a KeyedJaggedTensor, got {type(features).__name__}"
@@ -291,13 +321,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             raise ValueError(
                 f"KJT has {lengths.numel()} lengths for {len(keys)} keys x batch {features.stride()}"
             )
-        bad = torch.stack([lengths.sum() != values.numel(), (lengths < 0).any()]).tolist()
-        if bad[0]:
-            raise ValueError(
-                f"KJT lengths sum to {int(lengths.sum())} but it has {values.numel()} ids"
-            )
-        if bad[1]:
-            raise ValueError("KJT has negative lengths")
+        offsets = features.offsets_or_none()
+        if offsets is not None and offsets.numel() != lengths.numel() + 1:
+            raise ValueError(f"KJT has {offsets.numel()} offsets for {lengths.numel()} bags (expected bags + 1)")
+        if _data_checks_on(self, values.device):
+            _check_lengths(lengths, values.numel())
         if list(keys) != self._input_features:
             features = features.permute([keys.index(f) for f in self._input_features])
         return features

@@ -1,1 +1,1 @@
-"""ROBE lookup ops: reference (PyTorch), cpu (C++), triton."""
+"""ROBE lookup ops: the kernel API (api), reference (PyTorch), cpu (C++), triton; the lookup op (lookup)."""

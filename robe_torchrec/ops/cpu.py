@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
+
 EXTENSION_NAME = "robe_torchrec_cpu_v1"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "robe_cpu.cpp")
 # No -march=native: the cached build may be reused on another machine of the same cluster, and
@@ -94,92 +96,53 @@ def is_available() -> bool:
         return False
 
 
-def pooled_forward(
-    array: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-) -> torch.Tensor:
+def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``)."""
+    b = _checked(batch, array.numel())
     return load_extension().pooled_forward(
-        array.detach(), indices, offsets, hash_keys, mean, _detached(per_sample_weights), batch_size, dim, block_size
+        array.detach(), b.indices, b.offsets, b.hash_keys, b.mean, _detached(b.weights), b.batch_size, b.dim, b.block_size
     )
 
 
-def pooled_backward_dense(
-    grad_out: torch.Tensor,
-    num_elements: int,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-) -> torch.Tensor:
+def pooled_backward_dense(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API backward (non-fused): the dense gradient ``[m]`` (see the reference)."""
+    b = _checked(batch)
     return load_extension().pooled_backward_dense(
-        grad_out.detach(),
-        num_elements,
-        indices,
-        offsets,
-        hash_keys,
-        mean,
-        _detached(per_sample_weights),
-        batch_size,
-        dim,
-        block_size,
+        grad_out.detach(), b.num_elements, b.indices, b.offsets, b.hash_keys, b.mean, _detached(b.weights),
+        b.batch_size, b.dim, b.block_size,
     )
 
 
 def pooled_backward_fused(
-    grad_out: torch.Tensor,
-    array: torch.Tensor,
-    state: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-    optimizer: str,
-    lr: float,
-    eps: float,
+    grad_out: torch.Tensor, array: torch.Tensor, batch: LookupBatch, optimizer: OptimizerArgs
 ) -> None:
-    """Kernel API fused backward: one optimizer step on ``array`` (and ``state``) in place.
+    """Kernel API fused backward: one optimizer step on ``array`` (and ``optimizer.state``) in place.
 
     Same update rules as ``reference.pooled_backward_fused``; only the touched chunks are read
     and written, and no gradient of the whole array is built.
     """
+    b = _checked(batch, array.numel())
+    state = optimizer.state
+    lr, eps = optimizer.hyper()
     load_extension().pooled_backward_fused(
-        grad_out.detach(),
-        array.detach(),
-        state.detach(),
-        indices,
-        offsets,
-        hash_keys,
-        mean,
-        _detached(per_sample_weights),
-        batch_size,
-        dim,
-        block_size,
-        optimizer,
-        float(lr),
-        float(eps),
+        grad_out.detach(), array.detach(), state.detach(), b.indices, b.offsets, b.hash_keys, b.mean,
+        _detached(b.weights), b.batch_size, b.dim, b.block_size, optimizer.kind.value, lr, eps,
     )
     # The C++ code writes through raw pointers, which autograd does not see: bump the version
     # counters as an in-place torch op would, so stale saved tensors are still detected.
     torch.autograd.graph.increment_version(array)
     if state.numel():
         torch.autograd.graph.increment_version(state)
+
+
+def _checked(batch: LookupBatch, array_numel: Optional[int] = None) -> LookupBatch:
+    """The batch as the C++ code takes it: offsets starting at 0 and ending at nnz (a window is
+    cut out here: reading two CPU offsets costs nothing), the array's length the batch's m."""
+    if array_numel is not None and array_numel != batch.num_elements:
+        raise ValueError(f"array has {array_numel} elements, the batch's num_elements is {batch.num_elements}")
+    if batch.offsets.dim() != 1 or batch.offsets.device.type != "cpu" or batch.indices.device.type != "cpu":
+        return batch  # the C++ checks name the problem
+    return batch.narrowed()
 
 
 def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -4,8 +4,12 @@ Kernels: ``reference`` (PyTorch, any device, autograd), ``cpu`` (C++/OpenMP), ``
 also on CPU under TRITON_INTERPRET=1, for tests). ``auto`` picks triton on CUDA and cpu on CPU,
 falling back to the reference (with a warning) when the fast kernel cannot load.
 
-The fast kernels take one embedding dim per call (like one TBE per dim); a layout with several
-dims is split into its per-dim feature runs, which the module keeps contiguous.
+The fast kernels take one embedding dim per call (like one TBE per dim) through the kernel API
+of :mod:`robe_torchrec.ops.api` (a :class:`~robe_torchrec.ops.api.LookupBatch`, built once per
+call here, and, for a fused backward, an :class:`~robe_torchrec.ops.api.OptimizerArgs`); a layout
+with several dims is split into its per-dim feature runs, which the module keeps contiguous.
+Nothing here reads offsets on the host: one call never synchronises with the device (the fused
+Triton backward does once, for the number of touched chunks).
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
-from robe_torchrec.ops.reference import robe_pooled_lookup_reference
+from robe_torchrec.ops.reference import apply_optimizer_dense, robe_pooled_lookup_reference
 
 KERNELS = ("auto", "reference", "cpu", "triton")
-_BACKEND_MODULES = {"cpu": "robe_torchrec.ops.cpu", "triton": "robe_torchrec.ops.triton_kernels"}
+_BACKEND_MODULES = {"cpu": "robe_torchrec.ops.cpu", "triton": "robe_torchrec.ops.triton"}
 _warned: Dict[str, bool] = {}
 
 
@@ -69,12 +74,25 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "reference"
 
 
-class _FusedStep:
-    """What a fused backward needs: the optimizer (for lr/eps, read at backward time) and state."""
+@runtime_checkable
+class KernelArgsSource(Protocol):
+    """Anything that can say, once per forward, how to step one array in backward (the fused
+    optimizers of ``robe_torchrec.optim`` and ``robe_torchrec.sharding.state`` do)."""
 
-    def __init__(self, optimizer: Any, state: torch.Tensor) -> None:
-        self.optimizer = optimizer
-        self.state = state
+    def kernel_args(self, array: torch.Tensor) -> OptimizerArgs: ...
+
+
+FusedArg = Union[OptimizerArgs, KernelArgsSource, None]
+
+
+def _optimizer_args(fused: FusedArg, array: torch.Tensor) -> Optional[OptimizerArgs]:
+    if fused is None or isinstance(fused, OptimizerArgs):
+        return fused
+    if isinstance(fused, KernelArgsSource):
+        return fused.kernel_args(array)
+    raise TypeError(
+        f"fused_optimizer must be an OptimizerArgs or have kernel_args(array), got {type(fused).__name__}"
+    )
 
 
 class _RobeLookup(torch.autograd.Function):
@@ -82,46 +100,24 @@ class _RobeLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        array: torch.Tensor,
-        indices: torch.Tensor,
-        offsets: torch.Tensor,
-        hash_keys: torch.Tensor,
-        mean: torch.Tensor,
-        weights: Optional[torch.Tensor],
-        batch_size: int,
-        dim: int,
-        block_size: int,
-        kernel: str,
-        fused: Optional[_FusedStep],
+        ctx: Any, array: torch.Tensor, batch: LookupBatch, kernel: str, optimizer: Optional[OptimizerArgs]
     ) -> torch.Tensor:
-        backend = _backend(kernel)
-        out = backend.pooled_forward(
-            array.detach(), indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size
-        )
-        ctx.save_for_backward(indices, offsets, hash_keys, mean, weights)
-        ctx.meta = (array, batch_size, dim, block_size, kernel, fused)
+        out = _backend(kernel).pooled_forward(array.detach(), batch)
+        ctx.meta = (array, batch, kernel, optimizer)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        indices, offsets, hash_keys, mean, weights = ctx.saved_tensors
-        array, batch_size, dim, block_size, kernel, fused = ctx.meta
+        array, batch, kernel, optimizer = ctx.meta
         backend = _backend(kernel)
         grad_out = grad_out.contiguous()
         grad_array = None
-        if fused is not None:
-            opt = fused.optimizer
+        if optimizer is not None:
             with torch.no_grad():
-                backend.pooled_backward_fused(
-                    grad_out, array.data, fused.state, indices, offsets, hash_keys, mean, weights,
-                    batch_size, dim, block_size, opt.config.optimizer, opt.lr, opt.eps,
-                )
+                backend.pooled_backward_fused(grad_out, array.data, batch, optimizer)
         elif ctx.needs_input_grad[0]:
-            grad_array = backend.pooled_backward_dense(
-                grad_out, array.numel(), indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size
-            )
-        return (grad_array,) + (None,) * 10
+            grad_array = backend.pooled_backward_dense(grad_out, batch)
+        return grad_array, None, None, None
 
 
 def robe_pooled_lookup(
@@ -133,45 +129,45 @@ def robe_pooled_lookup(
     batch_size: int,
     per_sample_weights: Optional[torch.Tensor] = None,
     kernel: str = "auto",
-    fused_optimizer: Optional[Any] = None,
+    fused_optimizer: FusedArg = None,
 ) -> torch.Tensor:
     """Pooled ``[B, layout.total_dim]`` embeddings of one array's features, by ``kernel``.
 
-    With ``fused_optimizer`` (a RobeFusedOptimizer holding this array), backward updates the
-    array in place and leaves no gradient; otherwise backward gives the array a dense gradient.
-    Per-sample weights are treated as constants by the fast kernels (no gradient flows to them);
-    the reference path differentiates them.
+    ``offsets`` ([F*B + 1]) are positions in ``indices`` and may be a window of it (``offsets[0]``
+    need not be 0, nor ``offsets[-1]`` the number of ids: a caller passes one group's offsets with
+    the whole batch's ids and weights, and no host read is needed).
+
+    With ``fused_optimizer`` (an :class:`~robe_torchrec.ops.api.OptimizerArgs` for this array, or
+    an object whose ``kernel_args(array)`` returns one, such as the module's RobeFusedOptimizer),
+    backward updates the array in place and leaves no gradient; otherwise backward gives the array
+    a dense gradient. Per-sample weights are treated as constants by the fast kernels (no gradient
+    flows to them); the reference path differentiates them.
     """
     name = resolve_kernel(kernel, array.device)
+    optimizer = _optimizer_args(fused_optimizer, array)
     if name == "reference":
-        if fused_optimizer is not None:
+        if optimizer is not None:
             return _ReferenceFused.apply(
-                array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights, fused_optimizer
+                array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights, optimizer
             )
         return robe_pooled_lookup_reference(array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights)
 
-    fused = None if fused_optimizer is None else _FusedStep(fused_optimizer, fused_optimizer.state_of(array))
-    mean = torch.tensor(layout.mean, dtype=torch.bool, device=array.device)
     dims = layout.dims
+    batch = LookupBatch(
+        indices=indices,
+        offsets=offsets,
+        hash_keys=hash_keys,
+        mean=mean_flags(layout.mean, array.device),
+        weights=per_sample_weights,
+        batch_size=batch_size,
+        dim=dims[0],
+        block_size=layout.block_size,
+        num_elements=layout.num_elements,
+    )
     if len(set(dims)) == 1:
-        return _RobeLookup.apply(
-            array, indices, offsets, hash_keys, mean, per_sample_weights,
-            batch_size, dims[0], layout.block_size, name, fused,
-        )
-    runs = []
-    for f0, f1 in _dim_runs(dims):
-        lo, hi = int(offsets[f0 * batch_size]), int(offsets[f1 * batch_size])
-        runs.append(
-            (
-                indices[lo:hi],
-                offsets[f0 * batch_size : f1 * batch_size + 1] - lo,
-                hash_keys[f0:f1],
-                mean[f0:f1],
-                None if per_sample_weights is None else per_sample_weights[lo:hi],
-                dims[f0],
-            )
-        )
-    return _RobeLookupRuns.apply(array, runs, batch_size, layout.block_size, name, fused)
+        return _RobeLookup.apply(array, batch, name, optimizer)
+    runs = [batch.features(f0, f1, dims[f0]) for f0, f1 in _dim_runs(dims)]
+    return _RobeLookupRuns.apply(array, runs, name, optimizer)
 
 
 def _dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
@@ -193,36 +189,28 @@ class _RobeLookupRuns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, array, runs, batch_size, block_size, kernel, fused):  # type: ignore[override]
+    def forward(ctx: Any, array, runs: List[LookupBatch], kernel: str, optimizer: Optional[OptimizerArgs]):  # type: ignore[override]
         backend = _backend(kernel)
-        outs = [
-            backend.pooled_forward(array.detach(), ids, offs, keys, mean, w, batch_size, dim, block_size)
-            for ids, offs, keys, mean, w, dim in runs
-        ]
-        ctx.meta = (array, runs, batch_size, block_size, kernel, fused)
+        outs = [backend.pooled_forward(array.detach(), run) for run in runs]
+        ctx.meta = (array, runs, kernel, optimizer)
         return torch.cat(outs, dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        from robe_torchrec.ops.reference import apply_optimizer_dense
-
-        array, runs, batch_size, block_size, kernel, fused = ctx.meta
+        array, runs, kernel, optimizer = ctx.meta
         backend = _backend(kernel)
         grad = None
         col = 0
-        for ids, offs, keys, mean, w, dim in runs:
-            width = keys.shape[0] * dim
-            g = backend.pooled_backward_dense(
-                grad_out[:, col : col + width].contiguous(), array.numel(), ids, offs, keys, mean, w,
-                batch_size, dim, block_size,
-            )
+        for run in runs:
+            width = run.num_features * run.dim
+            g = backend.pooled_backward_dense(grad_out[:, col : col + width].contiguous(), run)
             grad = g if grad is None else grad + g
             col += width
-        if fused is None:
-            return (grad,) + (None,) * 5
-        opt = fused.optimizer
-        apply_optimizer_dense(array.data, fused.state, grad, opt.config.optimizer, opt.lr, opt.eps, block_size)
-        return (None,) * 6
+        if optimizer is None:
+            return grad, None, None, None
+        lr, eps = optimizer.hyper()
+        apply_optimizer_dense(array.data, optimizer.state, grad, optimizer.kind, lr, eps, runs[0].block_size)
+        return None, None, None, None
 
 
 class _ReferenceFused(torch.autograd.Function):
@@ -236,12 +224,11 @@ class _ReferenceFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        from robe_torchrec.ops.reference import apply_optimizer_dense
-
-        array, indices, offsets, layout, hash_keys, batch_size, weights, opt = ctx.args
+        array, indices, offsets, layout, hash_keys, batch_size, weights, optimizer = ctx.args
         leaf = torch.zeros_like(array, requires_grad=True)
         with torch.enable_grad():
             out = robe_pooled_lookup_reference(leaf, indices, offsets, layout, hash_keys, batch_size, weights)
             (g,) = torch.autograd.grad(out, leaf, grad_out)
-        apply_optimizer_dense(array.data, opt.state_of(array), g, opt.config.optimizer, opt.lr, opt.eps, layout.block_size)
+        lr, eps = optimizer.hyper()
+        apply_optimizer_dense(array.data, optimizer.state, g, optimizer.kind, lr, eps, layout.block_size)
         return (None,) * 8

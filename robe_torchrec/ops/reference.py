@@ -7,11 +7,12 @@ fine for tests and small models, which is why the fused kernels exist.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
 from robe_torchrec.hashing import block_offsets, element_indices
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind, mean_flags, state_numel
 from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
 
 
@@ -30,7 +31,8 @@ def robe_pooled_lookup_reference(
         array: the ROBE array, shape [m].
         indices: int64 ids of all bags, feature-major (feature 0's bags first), shape [nnz].
         offsets: bag boundaries, shape [F * batch_size + 1]; bag (f, b) is
-            indices[offsets[f*B + b] : offsets[f*B + b + 1]].
+            indices[offsets[f*B + b] : offsets[f*B + b + 1]]. They may be a window of ``indices``
+            (offsets[0] > 0, offsets[-1] < nnz): ids outside it are not pooled.
         layout: per-feature dims, pooling, block size and array length.
         hash_keys: [F, 2] int64 table keys (``layout.hash_keys``), passed in so callers cache them.
         batch_size: B.
@@ -38,13 +40,17 @@ def robe_pooled_lookup_reference(
     """
     num_features, block, m = layout.num_features, layout.block_size, layout.num_elements
     num_bags = num_features * batch_size
+    nnz = indices.numel()
     lengths = offsets[1:] - offsets[:-1]
-    bag_of_lookup = torch.repeat_interleave(
-        torch.arange(num_bags, device=indices.device), lengths, output_size=indices.numel()
+    # Row r + 1 of the pooling buffer is bag r; rows 0 and num_bags + 1 collect the ids before and
+    # after the window (spans sum to nnz, so no host read of the offsets is needed) and are dropped.
+    spans = torch.cat([offsets[:1], lengths, nnz - offsets[-1:]])
+    row_of_lookup = torch.repeat_interleave(
+        torch.arange(num_bags + 2, device=indices.device), spans, output_size=nnz
     )
+    bag_of_lookup = (row_of_lookup - 1).clamp(0, max(num_bags - 1, 0))
     feature_of_lookup = bag_of_lookup // batch_size if batch_size > 0 else bag_of_lookup
-    mean = torch.tensor(layout.mean, dtype=torch.bool, device=array.device)
-    mean_per_bag = mean.repeat_interleave(batch_size)
+    mean_per_bag = mean_flags(layout.mean, array.device).repeat_interleave(batch_size)
     bag_scale = torch.where(
         mean_per_bag, 1.0 / lengths.clamp(min=1).to(array.dtype), torch.ones((), dtype=array.dtype, device=array.device)
     )
@@ -53,21 +59,21 @@ def robe_pooled_lookup_reference(
     for dim in distinct_dims(layout.dims):
         if len(set(layout.dims)) == 1:
             sel = None
-            ids, bags, feats = indices, bag_of_lookup, feature_of_lookup
+            ids, bags, feats = indices, row_of_lookup, feature_of_lookup
         else:
             features = torch.tensor(
                 [f for f, d in enumerate(layout.dims) if d == dim], device=indices.device
             )
             sel = torch.isin(feature_of_lookup, features).nonzero().squeeze(1)
-            ids, bags, feats = indices[sel], bag_of_lookup[sel], feature_of_lookup[sel]
+            ids, bags, feats = indices[sel], row_of_lookup[sel], feature_of_lookup[sel]
         keys = hash_keys[feats]
         starts = block_offsets(ids, keys[:, 0], keys[:, 1], dim // block, m)
         rows = array[element_indices(starts, block, m)]  # [n, dim]
         if per_sample_weights is not None:
             w = per_sample_weights if sel is None else per_sample_weights[sel]
             rows = rows * w.to(rows.dtype).unsqueeze(1)
-        pooled = torch.zeros(num_bags, dim, dtype=array.dtype, device=array.device)
-        pooled = pooled.index_add(0, bags, rows) * bag_scale.unsqueeze(1)
+        pooled = torch.zeros(num_bags + 2, dim, dtype=array.dtype, device=array.device)
+        pooled = pooled.index_add(0, bags, rows)[1 : num_bags + 1] * bag_scale.unsqueeze(1)
         pooled_by_dim[dim] = pooled.view(num_features, batch_size, dim)
 
     if len(pooled_by_dim) == 1:
@@ -78,110 +84,86 @@ def robe_pooled_lookup_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernel API (one embedding dim per call). Every backend (reference, cpu, triton) provides
-# these three functions with exactly these signatures; the fast ones are tested against these.
+# The kernel API (robe_torchrec.ops.api): one embedding dim per call. Every backend (reference,
+# cpu, triton) provides these three functions with these signatures; the fast ones are tested
+# against these.
 # ---------------------------------------------------------------------------------------------
 
 
-def _uniform_layout(num_features: int, dim: int, block_size: int, num_elements: int, mean: torch.Tensor) -> FeatureLayout:
+def _uniform_layout(batch: LookupBatch) -> FeatureLayout:
+    num_features = batch.num_features
     return FeatureLayout(
         feature_names=tuple(f"f{i}" for i in range(num_features)),
         table_names=tuple(f"t{i}" for i in range(num_features)),
-        dims=(dim,) * num_features,
-        mean=tuple(bool(x) for x in mean.tolist()),
-        block_size=block_size,
-        num_elements=num_elements,
+        dims=(batch.dim,) * num_features,
+        mean=tuple(bool(x) for x in batch.mean.tolist()),  # a host read: this is the reference
+        block_size=batch.block_size,
+        num_elements=batch.num_elements,
         seed=0,
     )
 
 
-def pooled_forward(
-    array: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-) -> torch.Tensor:
-    """Kernel API forward: pooled ``[B, F*dim]`` float32 for F = hash_keys.shape[0] features.
+def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
+    """Kernel API forward: pooled ``[B, F*dim]`` float32 for the F = batch.num_features features.
 
-    array [m] float32; indices [nnz] int64 (feature-major); offsets [F*B+1] int64;
-    hash_keys [F, 2] int64 (k0, k1 per feature); mean [F] bool (MEAN pooling);
-    per_sample_weights [nnz] float32 or None.
+    array [m] float32 (m = batch.num_elements); the batch's tensors as documented in
+    :class:`~robe_torchrec.ops.api.LookupBatch`.
     """
-    layout = _uniform_layout(hash_keys.shape[0], dim, block_size, array.numel(), mean)
-    return robe_pooled_lookup_reference(array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights)
+    if array.numel() != batch.num_elements:
+        raise ValueError(f"array has {array.numel()} elements, the batch's num_elements is {batch.num_elements}")
+    return robe_pooled_lookup_reference(
+        array, batch.indices, batch.offsets, _uniform_layout(batch), batch.hash_keys, batch.batch_size, batch.weights
+    )
 
 
-def pooled_backward_dense(
-    grad_out: torch.Tensor,
-    num_elements: int,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-) -> torch.Tensor:
+def pooled_backward_dense(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API backward (non-fused): the dense gradient ``[m]`` of sum(pooled * grad_out)."""
-    array = torch.zeros(num_elements, dtype=grad_out.dtype, device=grad_out.device, requires_grad=True)
+    array = torch.zeros(batch.num_elements, dtype=grad_out.dtype, device=grad_out.device, requires_grad=True)
     with torch.enable_grad():
-        out = pooled_forward(array, indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim, block_size)
+        out = pooled_forward(array, batch)
         (grad,) = torch.autograd.grad(out, array, grad_out)
     return grad
 
 
 def pooled_backward_fused(
-    grad_out: torch.Tensor,
-    array: torch.Tensor,
-    state: torch.Tensor,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    hash_keys: torch.Tensor,
-    mean: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    batch_size: int,
-    dim: int,
-    block_size: int,
-    optimizer: str,
-    lr: float,
-    eps: float,
+    grad_out: torch.Tensor, array: torch.Tensor, batch: LookupBatch, optimizer: OptimizerArgs
 ) -> None:
-    """Kernel API fused backward: apply one optimizer step to ``array`` (and ``state``) in place.
+    """Kernel API fused backward: apply one optimizer step to ``array`` (and ``optimizer.state``) in place.
 
     The step uses the batch's gradient g, summed over every lookup that reads an element, before
     the (non-linear) update. With chunk j = the aligned elements [j*Z, min((j+1)*Z, m)):
       sgd:             M[e] -= lr * g[e]
       adagrad:         S[e] += g[e]^2;              M[e] -= lr * g[e] / (sqrt(S[e]) + eps)
       rowwise_adagrad: S[j] += mean_{e in j} g[e]^2; M[e] -= lr * g[e] / (sqrt(S[e // Z]) + eps)
-    state: empty for sgd, [m] for adagrad, [ceil(m / Z)] for rowwise_adagrad (float32).
-    Elements and chunks no lookup touched are left exactly as they are (g = 0 there).
-    This reference builds the dense gradient; the fast kernels must not.
+    state: float32 ``[state_numel(kind, m, Z)]``: empty for sgd, [m] for adagrad, [ceil(m / Z)]
+    for rowwise_adagrad. Elements and chunks no lookup touched are left exactly as they are
+    (g = 0 there). This reference builds the dense gradient; the fast kernels must not.
     """
-    g = pooled_backward_dense(
-        grad_out, array.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim, block_size
-    )
-    apply_optimizer_dense(array, state, g, optimizer, lr, eps, block_size)
+    g = pooled_backward_dense(grad_out, batch)
+    lr, eps = optimizer.hyper()
+    apply_optimizer_dense(array, optimizer.state, g, optimizer.kind, lr, eps, batch.block_size)
 
 
 def apply_optimizer_dense(
-    array: torch.Tensor, state: torch.Tensor, g: torch.Tensor, optimizer: str, lr: float, eps: float, block_size: int
+    array: torch.Tensor,
+    state: torch.Tensor,
+    g: torch.Tensor,
+    optimizer: Union[str, OptimizerKind],
+    lr: float,
+    eps: float,
+    block_size: int,
 ) -> None:
     """The fused optimizers' update rules on a dense gradient (see pooled_backward_fused)."""
+    kind = OptimizerKind.parse(optimizer)
     with torch.no_grad():
-        if optimizer == "sgd":
+        if kind is OptimizerKind.SGD:
             array.sub_(lr * g)
-        elif optimizer == "adagrad":
+        elif kind is OptimizerKind.ADAGRAD:
             state.add_(g * g)
             array.sub_(lr * g / (state.sqrt() + eps))
-        elif optimizer == "rowwise_adagrad":
+        else:
             m = array.numel()
-            chunks = (m + block_size - 1) // block_size
+            chunks = state_numel(kind, m, block_size)
             padded = torch.zeros(chunks * block_size, dtype=g.dtype, device=g.device)
             padded[:m] = g * g
             count = torch.full((chunks,), float(block_size), dtype=g.dtype, device=g.device)
@@ -189,5 +171,3 @@ def apply_optimizer_dense(
             state.add_(padded.view(chunks, block_size).sum(1) / count)
             per_elem = state.repeat_interleave(block_size)[:m]
             array.sub_(lr * g / (per_elem.sqrt() + eps))
-        else:
-            raise ValueError(f"unknown fused optimizer {optimizer!r}: sgd, adagrad or rowwise_adagrad")

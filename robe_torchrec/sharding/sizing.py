@@ -16,7 +16,11 @@ from typing import Optional, Union
 
 from torchrec.distributed.planner.types import Topology
 
-_STATE_BYTES = {"sgd": lambda z: 0.0, "adagrad": lambda z: 4.0, "rowwise_adagrad": lambda z: 4.0 / z, "adam": lambda z: 8.0}
+from robe_torchrec.optim import FUSED_OPTIMIZERS, state_numel
+
+# fused optimizers: their state per Z-element block (robe_torchrec.optim.state_numel); adam: two moments
+_STATE_BYTES = {o: (lambda z, o=o: 4.0 * state_numel(o, z, z) / z) for o in FUSED_OPTIMIZERS}
+_STATE_BYTES["adam"] = lambda z: 8.0
 
 
 def bytes_per_element(optimizer: Optional[str], block_size: int) -> float:

@@ -52,11 +52,7 @@ def sharded_1d(
 
 def state_range(optimizer: str, lo: int, hi: int, block_size: int) -> Tuple[int, int]:
     """Slice of the optimizer state that belongs to array elements [lo, hi) (lo is Z-aligned)."""
-    if optimizer == "adagrad":
-        return lo, hi
-    if optimizer == "rowwise_adagrad":
-        return lo // block_size, (hi + block_size - 1) // block_size
-    return 0, 0
+    return state_numel(optimizer, lo, block_size), state_numel(optimizer, hi, block_size)
 
 
 class ShardedRobeFusedOptimizer(RobeFusedOptimizerBase):

@@ -88,7 +88,16 @@ class LookupBatch:
         batch_size: B.
         dim: D, the embedding dim of every feature here (a multiple of ``block_size``).
         block_size: Z.
-        num_elements: m, the array length.
+        num_elements: m, the length of the whole (logical) array.
+        element_range: None (the array passed to the kernel is the whole array), or ``(lo, hi)``
+            with ``0 <= lo < hi <= m`` and ``lo``, ``hi`` multiples of Z (or ``hi == m``): the
+            array passed holds only global elements ``[lo, hi)`` (a row-wise shard;
+            ``array.numel() == hi - lo``). Hashing still uses m; element ``e`` is read from
+            ``array[e - lo]`` when ``lo <= e < hi`` and counts as 0 otherwise; the fused backward
+            updates only elements (and state entries) in the range, with state local to the shard
+            (adagrad: ``hi - lo`` entries; rowwise_adagrad: one per local Z-chunk), and the dense
+            backward returns ``[hi - lo]``. The partial sums of shards tiling ``[0, m)`` add up to
+            the whole-array result.
     """
 
     indices: torch.Tensor
@@ -100,6 +109,7 @@ class LookupBatch:
     dim: int
     block_size: int
     num_elements: int
+    element_range: Optional[Tuple[int, int]] = None
 
     @property
     def num_features(self) -> int:

@@ -39,15 +39,26 @@ timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m robe_torchrec.bench.lookup --devi
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 0 ] || status=1
 
-# tools.fbgemm_shims: CUDA kernels for the fbgemm ops the stock EBC needs (the carried fbgemm is the CPU build)
-timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536 \
-  --iters 10 2>&1 | tee "$OUT/inference.log"
-infer_rc=${PIPESTATUS[0]}
+# the gather ceiling (ROBE's access pattern without the hash) beside the Triton forward, fp32 and bf16
+timeout "${GPU_GATHER_TIMEOUT:-120}" python3 -m robe_torchrec.bench.gather_limit --device cuda --batch 65536 \
+  --shapes a,b,m 2>&1 | tee "$OUT/gather_limit.log"
+gather_rc=${PIPESTATUS[0]}
+[ "$gather_rc" = 0 ] || status=1
+
+# tools.fbgemm_shims: CUDA kernels for the fbgemm ops the stock EBC needs (the carried fbgemm is the CPU build).
+# TF32 MLPs with rows/4 tables, then bf16 autocast with the unscaled MLPerf tables stored in bf16 (52 GB).
+infer_rc=0
+for args in "--precision tf32" "--precision bf16 --row-scale 1 --full-dtype bfloat16"; do
+  timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536 \
+    --iters 10 $args 2>&1 | tee -a "$OUT/inference.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || infer_rc=1
+done
 [ "$infer_rc" = 0 ] || status=1
 
 echo
-echo "== summary: tests rc=$test_rc, bench rc=$bench_rc, inference rc=$infer_rc =="
+echo "== summary: tests rc=$test_rc, bench rc=$bench_rc, gather rc=$gather_rc, inference rc=$infer_rc =="
 tail -n 3 "$OUT/tests.log"
 grep -E "^#|^\|" "$OUT/bench.log" || true
-grep -E "^#|^\||^ROBE" "$OUT/inference.log" || true
+grep -E "^#|^\|" "$OUT/gather_limit.log" || true
+grep -E "^#|^\||^ROBE|^full" "$OUT/inference.log" || true
 exit $status

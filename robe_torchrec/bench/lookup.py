@@ -17,6 +17,11 @@ multi-hot pooling factors; (c) 26 x 1M rows x D=64 (full tables far beyond cache
     python -m robe_torchrec.bench.lookup                  # all shapes, CPU
     python -m robe_torchrec.bench.lookup --shapes a --iters 5 --quick
     python -m robe_torchrec.bench.lookup --device cuda    # triton kernel on a GPU
+    python -m robe_torchrec.bench.lookup --interleave     # ROBE and TBE alternate step by step
+
+``--mode`` (default ``both``) prints each shape twice: back to back (each side's iterations in a row,
+as docs/benchmarks.md recorded first) and interleaved (the sides alternate on the same ids, so neither
+finds its data left in cache by its own previous step, as in a model whose MLPs run between lookups).
 """
 
 from __future__ import annotations
@@ -127,16 +132,34 @@ def tbe_available(device: torch.device) -> bool:
     try:
         tiny = Shape("probe", 1, (4,), 4, 2, (1,))
         ids, offsets = make_inputs(tiny, device)
-        bench_tbe(tiny, ids, offsets, iters=1, warmup=0, device=device)
+        case = tbe_side(tiny, ids, offsets, device)("train sgd")
+        case.fn()
         return True
     except Exception:
         return False
 
 
 # ----- sides ----------------------------------------------------------------------------------
+#
+# Each side is a factory ``make(step) -> Case | None`` (None: the side has no such step), so that a
+# step's cases can be timed back to back or interleaved, and a side's full tables live only while
+# its step is timed (two TBE copies of shape (c) would not fit next to each other).
+
+STEPS = ("forward", "train sgd", "train rowwise_adagrad", "train adagrad")
 
 
-def bench_robe(shape, ids, offsets, kernel, ratio, block_size, iters, warmup, device) -> List[dict]:
+@dataclass
+class Case:
+    """One timed thing: a side's step as a zero-argument callable, and what it holds in memory."""
+
+    side: str
+    step: str
+    fn: Callable[[], None]
+    mbytes: float
+    floor_bytes: Optional[int] = None
+
+
+def robe_side(shape, ids, offsets, kernel, ratio, block_size, device) -> Callable[[str], Optional[Case]]:
     m = max(block_size, shape.full_elements // ratio)
     layout = FeatureLayout(
         feature_names=tuple(f"f{t}" for t in range(shape.tables)),
@@ -150,29 +173,29 @@ def bench_robe(shape, ids, offsets, kernel, ratio, block_size, iters, warmup, de
     keys = layout.hash_keys(device)
     array = torch.nn.Parameter(torch.empty(m, device=device).uniform_(-0.01, 0.01))
     grad = torch.randn(shape.batch, shape.tables * shape.dim, device=device)
-    rows = []
+    side = f"robe-{kernel}"
 
-    def fwd() -> None:
-        with torch.no_grad():
-            robe_pooled_lookup(array, ids, offsets, layout, keys, shape.batch, kernel=kernel)
+    def make(step: str) -> Optional[Case]:
+        if step == "forward":
 
-    rows.append(dict(side=f"robe-{kernel}", step="forward", ms=timed(fwd, iters, warmup, device)))
-    for opt_name in ("sgd", "rowwise_adagrad", "adagrad"):
+            def fwd() -> None:
+                with torch.no_grad():
+                    robe_pooled_lookup(array, ids, offsets, layout, keys, shape.batch, kernel=kernel)
+
+            return Case(side, step, fwd, 4 * m / 1e6, forward_floor_bytes(shape, m))
+        opt_name = step.replace("train ", "")
         opt = RobeFusedOptimizer({"array": array}, {"array": block_size}, RobeFusedOptimizerConfig(opt_name, lr=0.01))
 
         def train() -> None:
             out = robe_pooled_lookup(array, ids, offsets, layout, keys, shape.batch, kernel=kernel, fused_optimizer=opt)
             out.backward(grad)
 
-        rows.append(dict(side=f"robe-{kernel}", step=f"train {opt_name}", ms=timed(train, iters, warmup, device)))
-    rows[0]["floor_bytes"] = forward_floor_bytes(shape, m)
-    for r in rows:
-        opt_name = r["step"].replace("train ", "") if r["step"].startswith("train ") else "sgd"  # forward: no state
-        r["mbytes"] = 4 * (m + state_numel(opt_name, m, block_size)) / 1e6
-    return rows
+        return Case(side, step, train, 4 * (m + state_numel(opt_name, m, block_size)) / 1e6)
+
+    return make
 
 
-def bench_tbe(shape, ids, offsets, iters, warmup, device) -> List[dict]:
+def tbe_side(shape, ids, offsets, device) -> Callable[[str], Optional[Case]]:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -185,38 +208,36 @@ def bench_tbe(shape, ids, offsets, iters, warmup, device) -> List[dict]:
     else:
         location, compute = EmbeddingLocation.HOST, ComputeDevice.CPU
     grad = torch.randn(shape.batch, shape.tables * shape.dim, device=device)
-    rows = []
-    for opt_name, opt in (("sgd", OptimType.EXACT_SGD), ("rowwise_adagrad", OptimType.EXACT_ROWWISE_ADAGRAD)):
+    optimizers = {"forward": OptimType.EXACT_SGD, "train sgd": OptimType.EXACT_SGD,
+                  "train rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD}
+    full = 4 * shape.full_elements / 1e6
+
+    def make(step: str) -> Optional[Case]:
+        if step not in optimizers:
+            return None
         tbe = SplitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=[(rows, shape.dim, location, compute) for rows in shape.rows],
-            optimizer=opt,
+            optimizer=optimizers[step],
             learning_rate=0.01,
             pooling_mode=PoolingMode.SUM,
         )
-        if opt_name == "sgd":
+        if step == "forward":
 
             def fwd() -> None:
                 with torch.no_grad():
                     tbe(ids, offsets)
 
-            rows.append(
-                dict(side="fbgemm-tbe", step="forward", ms=timed(fwd, iters, warmup, device),
-                     floor_bytes=forward_floor_bytes(shape, None))
-            )
+            return Case("fbgemm-tbe", step, fwd, full, forward_floor_bytes(shape, None))
 
         def train() -> None:
             tbe(ids, offsets).backward(grad)
 
-        rows.append(dict(side="fbgemm-tbe", step=f"train {opt_name}", ms=timed(train, iters, warmup, device)))
-        tbe = None  # free the full tables before the next optimizer's copy
-        gc.collect()
-    full = 4 * shape.full_elements / 1e6
-    for r in rows:
-        r["mbytes"] = full + (4 * sum(shape.rows) / 1e6 if "rowwise" in r["step"] else 0)
-    return rows
+        return Case("fbgemm-tbe", step, train, full + (4 * sum(shape.rows) / 1e6 if "rowwise" in step else 0))
+
+    return make
 
 
-def bench_torch_bag(shape, ids, offsets, iters, warmup, device) -> List[dict]:
+def torch_bag_side(shape, ids, offsets, device) -> Callable[[str], Optional[Case]]:
     bags = torch.nn.ModuleList(
         torch.nn.EmbeddingBag(rows, shape.dim, mode="sum", sparse=True, device=device) for rows in shape.rows
     )
@@ -227,6 +248,7 @@ def bench_torch_bag(shape, ids, offsets, iters, warmup, device) -> List[dict]:
         per_table.append((ids[lo:hi], offsets[t * n : (t + 1) * n] - lo))
     opt = torch.optim.SGD(bags.parameters(), lr=0.01)
     grad = torch.randn(shape.batch, shape.tables * shape.dim, device=device)
+    full = 4 * shape.full_elements / 1e6
 
     def forward() -> torch.Tensor:
         return torch.cat([bag(i, o) for bag, (i, o) in zip(bags, per_table)], dim=1)
@@ -240,12 +262,38 @@ def bench_torch_bag(shape, ids, offsets, iters, warmup, device) -> List[dict]:
         forward().backward(grad)
         opt.step()
 
-    full = 4 * shape.full_elements / 1e6
-    return [
-        dict(side="torch-bag", step="forward", ms=timed(fwd, iters, warmup, device), mbytes=full,
-             floor_bytes=forward_floor_bytes(shape, None)),
-        dict(side="torch-bag", step="train sgd", ms=timed(train, iters, warmup, device), mbytes=full),
-    ]
+    def make(step: str) -> Optional[Case]:
+        if step == "forward":
+            return Case("torch-bag", step, fwd, full, forward_floor_bytes(shape, None))
+        if step == "train sgd":
+            return Case("torch-bag", step, train, full)
+        return None
+
+    return make
+
+
+def time_cases(cases: List[Case], iters: int, warmup: int, device: torch.device, interleave: bool) -> List[dict]:
+    """Median ms per case. Back to back: each case runs all its iterations in turn (it keeps its
+    data in cache between them). Interleaved: the cases alternate step by step on the same ids,
+    as a real model runs MLPs between lookups, so no case finds its data left in cache by itself."""
+    times: Dict[int, List[float]] = {i: [] for i in range(len(cases))}
+    if interleave:
+        for it in range(warmup + iters):
+            for i, case in enumerate(cases):
+                ms = timed(case.fn, 1, 0, device)
+                if it >= warmup:
+                    times[i].append(ms)
+    else:
+        for i, case in enumerate(cases):
+            times[i] = [timed(case.fn, iters, warmup, device)]
+    rows = []
+    for i, case in enumerate(cases):
+        row = dict(side=case.side, step=case.step, ms=statistics.median(times[i]), mbytes=case.mbytes,
+                   mode="interleaved" if interleave else "back-to-back")
+        if case.floor_bytes is not None:
+            row["floor_bytes"] = case.floor_bytes
+        rows.append(row)
+    return rows
 
 
 # ----- driver ---------------------------------------------------------------------------------
@@ -260,6 +308,11 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kernels", default="auto", help="ROBE kernels to time, e.g. reference,cpu ('auto': the device's)")
     p.add_argument("--sides", default="robe,tbe,torch", help="which of robe,tbe,torch to run")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of: {', '.join(STEPS)}")
+    p.add_argument("--mode", default="both", choices=("back-to-back", "interleave", "both"),
+                   help="back-to-back: each side's iterations in a row; interleave: the sides alternate step "
+                        "by step on the same ids (as in a real model); both: one table per mode")
+    p.add_argument("--interleave", action="store_true", help="same as --mode interleave")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="100x fewer rows (smoke test)")
@@ -267,6 +320,12 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sides = set(args.sides.split(","))
+    steps = [s.strip() for s in args.steps.split(",")]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        p.error(f"unknown --steps {unknown}: choose from {', '.join(STEPS)}")
+    mode = "interleave" if args.interleave else args.mode
+    modes = [False, True] if mode == "both" else [mode == "interleave"]
     if "tbe" in sides and not tbe_available(device):
         print("# fbgemm-tbe skipped: this fbgemm build has no CUDA kernels (fbgemm-gpu-cpu)")
         sides.discard("tbe")
@@ -280,20 +339,26 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for key in args.shapes.split(","):
         shape = all_shapes[key]
         ids, offsets = make_inputs(shape, device)
-        rows: List[dict] = []
+        makers: List[Callable[[str], Optional[Case]]] = []
         if "robe" in sides:
-            for k in dict.fromkeys(kernels):
-                rows += bench_robe(shape, ids, offsets, k, args.ratio, args.block_size, args.iters, args.warmup, device)
+            makers += [robe_side(shape, ids, offsets, k, args.ratio, args.block_size, device) for k in dict.fromkeys(kernels)]
         if "tbe" in sides:
-            rows += bench_tbe(shape, ids, offsets, args.iters, args.warmup, device)
-            gc.collect()
+            makers.append(tbe_side(shape, ids, offsets, device))
         if "torch" in sides:
-            rows += bench_torch_bag(shape, ids, offsets, args.iters, args.warmup, device)
+            makers.append(torch_bag_side(shape, ids, offsets, device))
+        rows_by_mode: Dict[bool, List[dict]] = {m: [] for m in modes}
+        for step in steps:
+            cases = [c for c in (make(step) for make in makers) if c is not None]
+            for interleave in modes:
+                rows_by_mode[interleave] += time_cases(cases, args.iters, args.warmup, device, interleave)
+            cases = []
             gc.collect()
-        for r in rows:
-            r["shape"] = shape.name
-        print_table(shape.name, rows, copy_gbps)
-        results += rows
+        for interleave in modes:
+            rows = rows_by_mode[interleave]
+            for r in rows:
+                r["shape"] = shape.name
+            print_table(f"{shape.name}, {'interleaved' if interleave else 'back-to-back'}", rows, copy_gbps)
+            results += rows
     return results
 
 

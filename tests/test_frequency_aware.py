@@ -225,3 +225,17 @@ def test_fused_training_equals_dense_torch_adagrad():
     torch.testing.assert_close(fused.hot_rows, dense.hot_rows, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.robe.arrays["default"], dense.robe.arrays["default"], rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused.hot_rows, torch.zeros_like(fused.hot_rows))
+
+
+def test_quick_quality_benchmark_robe_freq_learns(tmp_path):
+    from robe_torchrec.bench import quality
+
+    result = quality.main(["--quick", "--out", str(tmp_path), "--no-plots", "--methods", "robe,robe_freq",
+                           "--block-sizes", "8"])
+    by = {s["method"]: s for s in result["summary"]}
+    freq, plain = by["robe_freq-Z8"], by["robe-Z8"]
+    assert "hot rows in" in freq["detail"]  # the planted Zipf data is skewed: hot rows were planned
+    assert freq["auc_mean"] > 0.7 and freq["auc_mean"] > plain["auc_mean"] - 0.02
+    assert plain["memory_bytes"] - 4 < freq["memory_bytes"] <= plain["memory_bytes"]
+    run = next(r for r in result["runs"] if r["method"] == "robe_freq-Z8")
+    assert run["curve"][-1][1] > run["curve"][0][1]  # the learning curve rises

@@ -24,8 +24,9 @@ by ``hysteresis``, at most ``max_swaps`` promotions per table, cost O(sketch log
 Adagrad state from the state of the elements it read), so its embedding is unchanged by the swap; a
 demoted id reads ROBE again (the ROBE elements have kept training on other ids meanwhile).
 
-**Training**: cold ids through ROBE's kernels with per-id weight 0 for hot ids (so hot ids neither
-read nor update the array); hot rows through a pooled gather. ``fused_optimizer`` steps both in
+**Training**: cold ids through ROBE's kernels on the batch with its hot ids removed (so hot ids
+neither read nor update the array, and ROBE reads less than plain ROBE); hot rows through a pooled
+gather. ``fused_optimizer`` steps both in
 backward with the same rule, lr and eps (hot-row state is the ``hot_state`` buffer); without it the
 hot rows are a plain ``hot_rows`` parameter with a dense gradient for a torch optimizer (whose state
 for a slot is not reset when the slot changes owner: a known, bounded wart).
@@ -132,6 +133,7 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         self._thresholds = self._config.min_traffic_per_byte * hot_row_bytes(self._dim, self._config) / self._budget
         self._table_of_feature = [self._table_by_feature(tables)[f] for f in self.robe._input_features]
         self._keys = {n: table_key(seed, n) for n in self._hot_tables}
+        self._any_mean = any(t.pooling == PoolingType.MEAN for t in tables)
         if total:
             self.hot_rows = nn.Parameter(torch.zeros(total, self._dim, device=dev))
             self.register_buffer("hot_ids", torch.full((total,), _NO_ID, dtype=torch.int64, device=dev))
@@ -244,9 +246,10 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         if fused is not None:
             fused.ensure_bound(robe._named_arrays())
         args = None if fused is None else fused.kernel_args(array)
+        cold_ids, cold_offsets, cold_w = self._cold_batch(ids, offsets, hot, weights, batch)
         cold = robe_pooled_lookup(
-            array, ids, offsets, robe._layouts[DEFAULT_GROUP], robe._keys_for(DEFAULT_GROUP), batch,
-            torch.where(hot, zero, w), kernel=robe.kernel, fused_optimizer=args,
+            array, cold_ids, cold_offsets, robe._layouts[DEFAULT_GROUP], robe._keys_for(DEFAULT_GROUP), batch,
+            cold_w, kernel=robe.kernel, fused_optimizer=args,
         )
         hot_w = torch.where(hot, w, zero)
         if args is None:
@@ -261,12 +264,32 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             keys=robe._embedding_names, length_per_key=robe._lengths_per_embedding, values=cold + pooled_hot
         )
 
+    def _cold_batch(self, ids: torch.Tensor, offsets: torch.Tensor, hot: torch.Tensor,
+                    weights: Optional[torch.Tensor], batch: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The batch without its hot ids, for ROBE's kernels (fewer reads than plain ROBE). MEAN
+        bags keep dividing by their full length: their cold ids get weight cold_len / full_len."""
+        lengths = offsets[1:] - offsets[:-1]
+        cold = ~hot
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
+                                      output_size=ids.numel())[cold]
+        cold_len = torch.bincount(bag, minlength=lengths.numel())
+        cold_offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=ids.device)
+        torch.cumsum(cold_len, 0, out=cold_offsets[1:])
+        w = None if weights is None else weights[cold].float()
+        if self._any_mean:
+            scale = torch.where(self._mean_mask(batch, ids.device), cold_len / lengths.clamp(min=1), 1.0)[bag]
+            w = scale.float() if w is None else w * scale
+        return ids[cold], cold_offsets, w
+
+    def _mean_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.tensor([t.pooling == PoolingType.MEAN for t in self._feature_tables()],
+                            device=device).repeat_interleave(batch)
+
     def _mean_scale(self, offsets: torch.Tensor, batch: int) -> torch.Tensor:
         """1 / bag length for MEAN tables' non-empty bags, else 1 ([F*B])."""
         lengths = (offsets[1:] - offsets[:-1]).to(torch.float32)
-        mean = torch.tensor(
-            [t.pooling == PoolingType.MEAN for t in self._feature_tables()], device=offsets.device
-        ).repeat_interleave(batch)
+        mean = self._mean_mask(batch, offsets.device)
         return torch.where(mean & (lengths > 0), 1.0 / lengths.clamp(min=1), torch.ones_like(lengths))
 
     def _feature_tables(self) -> List[EmbeddingBagConfig]:

@@ -12,7 +12,9 @@ equal embedding memory (parameters; optimizer state is reported separately):
 * ``full``: torchrec EmbeddingBagCollection, one row per id (a vocabulary index);
 * ``hash``: hashing trick, ``mult_hash(id) % rows`` per table (``bench.baselines``);
 * ``qr``: quotient-remainder compositional embeddings (Shi et al. 2020) on a vocabulary index;
-* ``robe-Z``: RobeEmbeddingBagCollection, one array for all tables, block size Z.
+* ``robe-Z``: RobeEmbeddingBagCollection, one array for all tables, block size Z;
+* ``robe_freq-Z``, ``robe2-Z``: frequency-aware ROBE and two hashed reads per coordinate
+  (``bench.quality_methods``, issue 15), same byte budget as ``robe-Z``.
 
 The vocabulary index of full tables and QR is a random permutation of each feature's id ranks
 (collision-free, in no useful order, as a real preprocessing pass would give); the hashing trick and
@@ -31,7 +33,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from robe_torchrec.bench.baselines import (
     qr_radices,
     water_fill_rows,
 )
+from robe_torchrec.bench.quality_methods import EXTRA_METHODS, TwoReadRobeEBC, first_batches, memory_bytes
 from robe_torchrec.config import full_table_elements
 from robe_torchrec.data.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
@@ -58,10 +61,15 @@ from robe_torchrec.data.synthetic import (
     SyntheticCriteoGenerator,
     make_tables,
 )
+from robe_torchrec.modules.frequency_aware_plan import FrequencyAwareConfig, plan_summary
+from robe_torchrec.modules.frequency_aware_robe_embedding_bag_collection import (
+    FrequencyAwareRobeEmbeddingBagCollection,
+)
 from robe_torchrec.optim import RobeFusedOptimizerConfig, state_numel
 
 DEFAULT_OUT = os.path.join("docs", "img")
 WARMUP_STEPS = 3
+ROBE_FAMILIES = ("robe", *EXTRA_METHODS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +92,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="multiply every (capped) cardinality by this (then >= 2)")
     p.add_argument("--dim", type=int, default=32, help="embedding dim D")
     p.add_argument("--block-sizes", type=_ints, default=[1, 8, 32], help="ROBE Z values (divide D)")
-    p.add_argument("--methods", default="full,hash,qr,robe", help="comma list of full,hash,qr,robe")
+    p.add_argument("--methods", default="full,hash,qr,robe",
+                   help="comma list of full,hash,qr,robe,robe_freq,robe2")
     p.add_argument("--ratios", type=_ints, default=[10, 100, 1000], help="compression ratios (hash, qr)")
     p.add_argument("--robe-ratios", type=_ints, default=[10, 100, 1000, 10000], help="ROBE's ratios")
     p.add_argument("--seeds", type=int, default=2, help="model seeds 0..N-1 (init, hash seeds)")
@@ -95,6 +104,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--robe-optimizer", default="adagrad", choices=["adagrad", "rowwise_adagrad", "sgd"])
     p.add_argument("--robe-init", type=float, default=None,
                    help="ROBE uniform init range r (default sqrt(1/max num_embeddings))")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training samples (a lever)")
+    p.add_argument("--freq-calib-batches", type=int, default=16,
+                   help="robe_freq: first training batches whose ids plan the hot-row budget")
+    p.add_argument("--freq-alpha", type=float, default=1.0,
+                   help="robe_freq: min traffic share per byte share of a hot row (FrequencyAwareConfig)")
+    p.add_argument("--freq-max-hot", type=float, default=0.5, help="robe_freq: max share of bytes for hot rows")
+    p.add_argument("--freq-refresh", type=int, default=32, help="robe_freq: steps between promotions")
     p.add_argument("--curve-points", type=int, default=6, help="learning-curve evaluations per run")
     p.add_argument("--curve-eval-samples", type=int, default=32_768)
     p.add_argument("--threads", type=int, default=None,
@@ -113,7 +129,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.ratios, args.robe_ratios = [10], [10]
         args.threads = args.threads or 1
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(args.methods) - {"full", "hash", "qr", "robe"}
+    unknown = set(args.methods) - {"full", "hash", "qr", "robe", *EXTRA_METHODS}
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}")
     bad = [z for z in args.block_sizes if args.dim % z]
@@ -178,21 +194,24 @@ def kjt_of(ids: torch.Tensor, keys: List[str]) -> KeyedJaggedTensor:
 
 @dataclass
 class RunSpec:
-    method: str  # full | hash | qr | robe
+    method: str  # full | hash | qr | robe | robe_freq | robe2
     ratio: float  # nominal compression target (1 for full)
     block_size: int = 0  # ROBE Z
     seed: int = 0
+    epochs: int = 1
 
     @property
     def name(self) -> str:
-        return f"robe-Z{self.block_size}" if self.method == "robe" else self.method
+        name = f"{self.method}-Z{self.block_size}" if self.method in ROBE_FAMILIES else self.method
+        return name if self.epochs == 1 else f"{name}-e{self.epochs}"
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.ratio:g}x/s{self.seed}"
 
 
-def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argparse.Namespace
+def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argparse.Namespace,
+                     calibration: Optional[Iterable[KeyedJaggedTensor]] = None
                      ) -> Tuple[torch.nn.Module, str, int]:
     """(module, detail string, optimizer state bytes)."""
     dim = args.dim
@@ -216,6 +235,20 @@ def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argp
         tables, ratio=spec.ratio, block_size=spec.block_size, seed=spec.seed, init_range=args.robe_init
     )
     lr = args.lr if args.robe_lr is None else args.robe_lr
+    if spec.method == "robe2":
+        m = TwoReadRobeEBC(tables, robe, init_range=args.robe_init)
+        return m, f"m={robe.num_elements:,}, Z={robe.block_size}, 2 reads", 4 * robe.num_elements
+    if spec.method == "robe_freq":
+        config = FrequencyAwareConfig(min_traffic_per_byte=args.freq_alpha, max_hot_fraction=args.freq_max_hot,
+                                      refresh_every=args.freq_refresh)
+        fused = RobeFusedOptimizerConfig(args.robe_optimizer, lr=lr, eps=1e-8)
+        m = FrequencyAwareRobeEmbeddingBagCollection.from_compression(
+            tables, spec.ratio, calibration or [], block_size=spec.block_size, seed=spec.seed, config=config,
+            init_range=args.robe_init, fused_optimizer=fused)
+        arr = m.robe.robe_configs()["default"].num_elements
+        hot_state = m.hot_state.numel() if sum(m.hot_capacities().values()) else 0
+        state = 4 * (state_numel(args.robe_optimizer, arr, robe.block_size) + hot_state)
+        return m, f"m={arr:,}, Z={robe.block_size}, {plan_summary(m.hot_capacities())}", state
     m = RobeEmbeddingBagCollection(
         tables, robe, fused_optimizer=RobeFusedOptimizerConfig(args.robe_optimizer, lr=lr, eps=1e-8)
     )
@@ -253,14 +286,15 @@ def curve_steps(num_steps: int, points: int) -> List[int]:
 def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test: Split, keys: List[str],
             args: argparse.Namespace) -> Dict:
     torch.manual_seed(spec.seed)
-    emb, detail, state_bytes = build_embeddings(spec, tables, args)
+    calibration = first_batches(train.raw_ids, keys, args.batch_size, args.freq_calib_batches)
+    emb, detail, state_bytes = build_embeddings(spec, tables, args, calibration)
     model = DLRM(
         embedding_bag_collection=emb,
         dense_in_features=train.dense.shape[1],
         dense_arch_layer_sizes=[64, args.dim],
         over_arch_layer_sizes=[64, 32, 1],
     )
-    fused = spec.method == "robe"
+    fused = spec.method in ("robe", "robe_freq")
     emb_params = [] if fused else list(emb.parameters())
     emb_ids = {id(p) for p in emb.parameters()}
     dense_params = [p for p in model.parameters() if id(p) not in emb_ids]
@@ -271,14 +305,15 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
     vocab = spec.method in ("full", "qr")
     ids = train.vocab_ids if vocab else train.raw_ids
     bs = args.batch_size
-    num_steps = len(train) // bs
+    steps_per_epoch = len(train) // bs
+    num_steps = steps_per_epoch * spec.epochs
     checkpoints = set(curve_steps(num_steps, args.curve_points))
     curve: List[Tuple[int, float]] = []
     train_time, seen, seen_timed0 = 0.0, 0, 0
     model.train()
     t0 = time.perf_counter()
     for step in range(1, num_steps + 1):
-        lo = (step - 1) * bs
+        lo = ((step - 1) % steps_per_epoch) * bs
         logits = model(train.dense[lo:lo + bs], kjt_of(ids[lo:lo + bs], keys)).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(logits, train.labels[lo:lo + bs])
         for o in opts:
@@ -301,7 +336,7 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
     return {
         "key": spec.key, "method": spec.name, "family": spec.method, "ratio": spec.ratio,
         "block_size": spec.block_size, "seed": spec.seed, "auc": auc, "logloss": logloss,
-        "memory_bytes": module_bytes(emb), "optimizer_state_bytes": state_bytes,
+        "memory_bytes": memory_bytes(emb), "optimizer_state_bytes": state_bytes,
         "samples": seen, "train_seconds": train_time,
         "samples_per_s": (seen - seen_timed0) / max(train_time, 1e-9),
         "curve": curve, "detail": detail,
@@ -322,12 +357,12 @@ def run_specs(args: argparse.Namespace) -> List[RunSpec]:
     if "full" in args.methods:
         specs.append(RunSpec("full", 1.0, seed=0))
     for i, r in enumerate(ratios):
-        for method in ("hash", "qr", "robe"):
-            if method not in args.methods or r not in (args.robe_ratios if method == "robe" else args.ratios):
+        for method in ("hash", "qr", "robe", *EXTRA_METHODS):
+            if method not in args.methods or r not in (args.robe_ratios if method in ROBE_FAMILIES else args.ratios):
                 continue
             for seed in range(args.seeds):
-                if method == "robe":
-                    specs.extend(RunSpec("robe", float(r), z, seed) for z in args.block_sizes)
+                if method in ROBE_FAMILIES:
+                    specs.extend(RunSpec(method, float(r), z, seed, args.epochs) for z in args.block_sizes)
                 else:
                     specs.append(RunSpec(method, float(r), seed=seed))
         if i == 0 and "full" in args.methods:
@@ -352,9 +387,16 @@ def summarize(rows: List[Dict]) -> List[Dict]:
             "samples_per_s": statistics.fmean(r["samples_per_s"] for r in rs),
             "detail": rs[0]["detail"],
         })
-    fam = {"full": 0, "hash": 1, "qr": 2, "robe": 3}
-    out.sort(key=lambda s: (s["ratio"], fam[s["family"]], int(s["method"].split("Z")[-1]) if "Z" in s["method"] else 0))
+    fam = {"full": 0, "hash": 1, "qr": 2, "robe": 3, "robe2": 4, "robe_freq": 5}
+    out.sort(key=lambda s: (s["ratio"], fam[s["family"]], _block_of(s["method"]), s["method"]))
     return out
+
+
+def _block_of(method: str) -> int:
+    """Z of a ROBE-family method name (``robe-Z8``, ``robe_freq-Z1-e2``), 0 for the others."""
+    if "-Z" not in method:
+        return 0
+    return int(method.split("-Z")[1].split("-")[0])
 
 
 def markdown_table(summary: List[Dict]) -> str:

@@ -15,12 +15,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _STYLE = {"hash": ("tab:gray", "s"), "qr": ("tab:brown", "D")}
-_ROBE_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+_ROBE_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:olive", "tab:cyan", "tab:pink"]
+
+
+def _robe_order(method: str) -> tuple:
+    """robe-Z1 < robe-Z8 < robe-Z32, then the other ROBE families (robe_freq-Z1, robe2-Z1-e2)."""
+    family, _, rest = method.partition("-Z")
+    return (family != "robe", family, int(rest.split("-")[0]) if rest else 0, method)
 
 
 def _styles(methods: List[str]) -> Dict[str, tuple]:
     styles = dict(_STYLE)
-    robe = sorted((m for m in methods if m.startswith("robe")), key=lambda m: int(m.split("Z")[1]))
+    robe = sorted((m for m in methods if m.startswith("robe")), key=_robe_order)
     for i, m in enumerate(robe):
         styles[m] = (_ROBE_COLORS[i % len(_ROBE_COLORS)], "o")
     return styles

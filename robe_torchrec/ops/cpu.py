@@ -19,13 +19,13 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
 
-EXTENSION_NAME = "robe_torchrec_cpu_v1"
+EXTENSION_NAME = "robe_torchrec_cpu_v2"  # v2: element_range (row-wise shards)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "robe_cpu.cpp")
 # No -march=native: the cached build may be reused on another machine of the same cluster, and
 # the hot loops are short gathers the baseline SSE2 build already vectorises. -ffp-contract=off
@@ -97,19 +97,24 @@ def is_available() -> bool:
 
 
 def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
-    """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``)."""
+    """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``); with
+    ``batch.element_range``, the partial sums over the shard's elements only."""
     b = _checked(batch, array.numel())
+    lo, hi = _range(b)
     return load_extension().pooled_forward(
-        array.detach(), b.indices, b.offsets, b.hash_keys, b.mean, _detached(b.weights), b.batch_size, b.dim, b.block_size
+        array.detach(), b.indices, b.offsets, b.hash_keys, b.mean, _detached(b.weights), b.batch_size, b.dim,
+        b.block_size, b.num_elements, lo, hi,
     )
 
 
 def pooled_backward_dense(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
-    """Kernel API backward (non-fused): the dense gradient ``[m]`` (see the reference)."""
+    """Kernel API backward (non-fused): the dense gradient ``[m]`` (see the reference), or
+    ``[hi - lo]`` of the shard's elements with ``batch.element_range``."""
     b = _checked(batch)
+    lo, hi = _range(b)
     return load_extension().pooled_backward_dense(
         grad_out.detach(), b.num_elements, b.indices, b.offsets, b.hash_keys, b.mean, _detached(b.weights),
-        b.batch_size, b.dim, b.block_size,
+        b.batch_size, b.dim, b.block_size, lo, hi,
     )
 
 
@@ -119,7 +124,8 @@ def pooled_backward_fused(
     """Kernel API fused backward: one optimizer step on ``array`` (and ``optimizer.state``) in place.
 
     Same update rules as ``reference.pooled_backward_fused``; only the touched chunks are read
-    and written, and no gradient of the whole array is built.
+    and written, and no gradient of the whole array is built. With ``batch.element_range`` the
+    array and the state are the shard's (see :class:`~robe_torchrec.ops.api.LookupBatch`).
     """
     b = _checked(batch, array.numel())
     state = optimizer.state
@@ -127,6 +133,7 @@ def pooled_backward_fused(
     load_extension().pooled_backward_fused(
         grad_out.detach(), array.detach(), state.detach(), b.indices, b.offsets, b.hash_keys, b.mean,
         _detached(b.weights), b.batch_size, b.dim, b.block_size, optimizer.kind.value, lr, eps,
+        b.num_elements, *_range(b),
     )
     # The C++ code writes through raw pointers, which autograd does not see: bump the version
     # counters as an in-place torch op would, so stale saved tensors are still detected.
@@ -135,10 +142,19 @@ def pooled_backward_fused(
         torch.autograd.graph.increment_version(state)
 
 
+def _range(batch: LookupBatch) -> Tuple[int, int]:
+    """(lo, hi) of the elements the array holds: ``batch.element_range`` or the whole [0, m)."""
+    if batch.element_range is None:
+        return 0, batch.num_elements
+    lo, hi = batch.element_range
+    return int(lo), int(hi)
+
+
 def _checked(batch: LookupBatch, array_numel: Optional[int] = None) -> LookupBatch:
     """The batch as the C++ code takes it: offsets starting at 0 and ending at nnz (a window is
-    cut out here: reading two CPU offsets costs nothing), the array's length the batch's m."""
-    if array_numel is not None and array_numel != batch.num_elements:
+    cut out here: reading two CPU offsets costs nothing), the array's length that of its range
+    (the batch's m, or ``hi - lo`` of ``element_range``, whose bounds the C++ code checks)."""
+    if array_numel is not None and batch.element_range is None and array_numel != batch.num_elements:
         raise ValueError(f"array has {array_numel} elements, the batch's num_elements is {batch.num_elements}")
     if batch.offsets.dim() != 1 or batch.offsets.device.type != "cpu" or batch.indices.device.type != "cpu":
         return batch  # the C++ checks name the problem

@@ -231,8 +231,16 @@ struct Int8RowwiseReader {
   }
 };
 
-template <typename Reader>
-at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::TensorOptions& out_options) {
+// A row-wise shard (LookupBatch.element_range): the array passed holds only the global elements
+// [lo, hi) of the m-element array (lo a multiple of Z; hi one too, or m). Hashing still uses m;
+// elements outside the range count 0. The unranged path is the instantiation Ranged = false.
+struct ElementRange {
+  int64_t lo = 0, hi = 0;
+};
+
+template <bool Ranged, typename Reader>
+at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::TensorOptions& out_options,
+                               ElementRange range = {}) {
   at::Tensor out = at::empty({p.B, p.F * p.D}, out_options.dtype(at::kFloat));
   float* O = out.data_ptr<float>();
   const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, p.num_blocks);
@@ -259,7 +267,16 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
           float* dst = acc + c * Z;
           // A block is Z contiguous elements, wrapping from the end of the array to its start.
           const int64_t first = std::min(Z, m - s);
-          if (p.w) {
+          if constexpr (Ranged) {
+            // Only the block positions k whose element lies in [lo, hi): the head e = s + k
+            // (k < first) and the wrapped part e = k - first (k >= first), each one interval of k;
+            // `read` takes the local position e - lo.
+            const int64_t lo = range.lo, hi = range.hi;
+            const int64_t a0 = std::max<int64_t>(0, lo - s), a1 = std::min<int64_t>(first, hi - s);
+            const int64_t b0 = std::max<int64_t>(first, lo + first), b1 = std::min<int64_t>(Z, hi + first);
+            for (int64_t k = a0; k < a1; ++k) dst[k] += read(s + k - lo) * w;
+            for (int64_t k = b0; k < b1; ++k) dst[k] += read(k - first - lo) * w;
+          } else if (p.w) {
             for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
             for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
           } else {
@@ -277,16 +294,33 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
   return out;
 }
 
+// Checks (lo, hi) against m and Z and the local array's length; true when it is a proper shard
+// (false for the whole array [0, m), which takes the unranged path).
+bool check_range(int64_t lo, int64_t hi, int64_t m, int64_t Z, int64_t local_numel, const char* what) {
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= m, "robe cpu kernel: element_range (", lo, ", ", hi,
+              ") must satisfy 0 <= lo < hi <= num_elements (", m, ")");
+  TORCH_CHECK(lo % Z == 0 && (hi % Z == 0 || hi == m), "robe cpu kernel: element_range (", lo, ", ", hi,
+              ") must have lo and hi multiples of block_size (", Z, "), or hi == num_elements");
+  TORCH_CHECK(local_numel == hi - lo, "robe cpu kernel: ", what, " has ", local_numel,
+              " elements, element_range (", lo, ", ", hi, ") holds ", hi - lo);
+  return !(lo == 0 && hi == m);
+}
+
 at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, const at::Tensor& offsets,
                           const at::Tensor& hash_keys, const at::Tensor& mean,
                           const std::optional<at::Tensor>& per_sample_weights, int64_t batch_size, int64_t dim,
-                          int64_t block_size) {
+                          int64_t block_size, int64_t num_elements, int64_t element_lo, int64_t element_hi) {
   check_float_array(array, "array");
   TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
-  const Problem p = make_problem(array.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
+  const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
                                  dim, block_size);
+  const bool ranged = check_range(element_lo, element_hi, p.m, p.Z, array.numel(), "array");
   const at::Tensor arr = array.contiguous();
-  return pooled_forward_with(FloatReader{arr.data_ptr<float>()}, p, array.options());
+  if (ranged) {
+    return pooled_forward_with<true>(FloatReader{arr.data_ptr<float>()}, p, array.options(),
+                                     ElementRange{element_lo, element_hi});
+  }
+  return pooled_forward_with<false>(FloatReader{arr.data_ptr<float>()}, p, array.options());
 }
 
 // Forward on a stored (serving) array: float32, bfloat16, float16, or uint8 codes with
@@ -301,11 +335,11 @@ at::Tensor pooled_forward_stored(const at::Tensor& data, const std::optional<at:
   const at::Tensor d = data.contiguous();
   switch (d.scalar_type()) {
     case at::kFloat:
-      return pooled_forward_with(FloatReader{d.data_ptr<float>()}, p, d.options());
+      return pooled_forward_with<false>(FloatReader{d.data_ptr<float>()}, p, d.options());
     case at::kBFloat16:
-      return pooled_forward_with(HalfReader<at::BFloat16>{d.data_ptr<at::BFloat16>()}, p, d.options());
+      return pooled_forward_with<false>(HalfReader<at::BFloat16>{d.data_ptr<at::BFloat16>()}, p, d.options());
     case at::kHalf:
-      return pooled_forward_with(HalfReader<at::Half>{d.data_ptr<at::Half>()}, p, d.options());
+      return pooled_forward_with<false>(HalfReader<at::Half>{d.data_ptr<at::Half>()}, p, d.options());
     case at::kByte: {
       TORCH_CHECK(scale_bias.has_value() && scale_bias->defined(), "robe cpu kernel: int8 data needs scale_bias");
       const at::Tensor sb = scale_bias->contiguous();
@@ -313,7 +347,7 @@ at::Tensor pooled_forward_stored(const at::Tensor& data, const std::optional<at:
       TORCH_CHECK(sb.scalar_type() == at::kFloat && sb.dim() == 2 && sb.size(0) == rows && sb.size(1) == 2,
                   "robe cpu kernel: scale_bias must be float32 [", rows, ", 2], got ", sb.scalar_type(), " ",
                   sb.sizes());
-      return pooled_forward_with(Int8RowwiseReader{d.data_ptr<uint8_t>(), sb.data_ptr<float>(), p.Z}, p, d.options());
+      return pooled_forward_with<false>(Int8RowwiseReader{d.data_ptr<uint8_t>(), sb.data_ptr<float>(), p.Z}, p, d.options());
     }
     default:
       TORCH_CHECK(false, "robe cpu kernel: stored arrays are float32, bfloat16, float16 or uint8, got ",
@@ -538,8 +572,13 @@ void check_grad_out(const Problem& p, const at::Tensor& grad_out) {
 
 // Steps 1-5 above (grad_out already checked): calls consume(chunk, first_element, length, gradient)
 // exactly once per touched chunk, with `gradient` holding that chunk's `length` summed values.
+// With a row-wise shard `range` (bounds on chunk boundaries: every chunk is wholly in or out), only
+// the touched chunks inside [range.lo, range.hi) are accumulated and consumed: they are one
+// contiguous run of slots (slots follow chunk order), and steps 4-5 are restricted to it, so pieces
+// of blocks that fall on other ranks' elements are skipped by the same ownership test as the
+// slots of other threads. The whole array is range [0, m): the unranged path, unchanged.
 template <typename Consume>
-void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Consume&& consume) {
+void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, ElementRange range, Consume&& consume) {
   if (p.nnz == 0) return;
   const at::Tensor grad_out = grad_out_in.contiguous();
   const float* G = grad_out.data_ptr<float>();
@@ -582,18 +621,34 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Con
     }
   }
   const int64_t U = static_cast<int64_t>(chunk_of_slot.size());
+  // The slots [slot_lo, slot_hi) of the chunks in the range, and the sorted records [k_lo, k_hi)
+  // whose first chunk is in it (to balance the threads over).
+  const uint64_t chunk_lo = static_cast<uint64_t>(range.lo) / Z;
+  const uint64_t chunk_hi = (static_cast<uint64_t>(range.hi) + Z - 1) / Z;
+  const int64_t slot_lo =
+      std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), chunk_lo) - chunk_of_slot.begin();
+  const int64_t slot_hi =
+      std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), chunk_hi) - chunk_of_slot.begin();
+  if (slot_lo >= slot_hi) return;  // nothing in the range was touched
+  const auto first_at_or_after = [&](uint64_t chunk) -> int64_t {
+    return std::lower_bound(sorted, sorted + R, chunk << 1,
+                            [](const KeyedRecord& a, uint64_t key) { return a.key < key; }) -
+           sorted;
+  };
+  const int64_t k_lo = chunk_lo == 0 ? 0 : first_at_or_after(chunk_lo);
+  const int64_t k_hi = chunk_hi >= num_chunks ? R : first_at_or_after(chunk_hi);
 
   // Step 4. Slot ranges cut where the sorted records split evenly (so hot chunks do not pile onto
   // one thread), moved to a first-chunk boundary. One task per thread; each scans all records (a
   // sequential read of first_slot) and reads the gradient rows of those with a piece in its range.
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(thread_count(), R / 8192 + 1));
   std::vector<int64_t> slot_cut(tasks + 1);
-  slot_cut[0] = 0;
-  slot_cut[tasks] = U;
+  slot_cut[0] = slot_lo;
+  slot_cut[tasks] = slot_hi;
   for (int64_t t = 1; t < tasks; ++t) {
-    int64_t k = even_bound(R, tasks, t);
-    while (k < R && (sorted[k].key >> 1) == (sorted[k - 1].key >> 1)) ++k;
-    slot_cut[t] = k < R ? first_slot[sorted[k].record] : U;
+    int64_t k = k_lo + even_bound(k_hi - k_lo, tasks, t);
+    while (k < k_hi && k > 0 && (sorted[k].key >> 1) == (sorted[k - 1].key >> 1)) ++k;
+    slot_cut[t] = k < k_hi ? first_slot[sorted[k].record] : slot_hi;
   }
   float* grad_c = ws.grad.resize(static_cast<size_t>(U) * Z);  // compact gradient [U, Z]
   const int64_t* start = ws.start.data();
@@ -652,7 +707,7 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Con
 
   // Step 5.
 #pragma omp parallel for schedule(static) num_threads(thread_count())
-  for (int64_t u = 0; u < U; ++u) {
+  for (int64_t u = slot_lo; u < slot_hi; ++u) {
     const uint64_t first = chunk_of_slot[u] * Z;
     consume(chunk_of_slot[u], static_cast<int64_t>(first), static_cast<int64_t>(std::min(Z, m - first)),
             grad_c + u * Z);
@@ -662,16 +717,19 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Con
 at::Tensor pooled_backward_dense(const at::Tensor& grad_out, int64_t num_elements, const at::Tensor& indices,
                                  const at::Tensor& offsets, const at::Tensor& hash_keys, const at::Tensor& mean,
                                  const std::optional<at::Tensor>& per_sample_weights, int64_t batch_size, int64_t dim,
-                                 int64_t block_size) {
+                                 int64_t block_size, int64_t element_lo, int64_t element_hi) {
   const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim,
                                  block_size);
+  check_range(element_lo, element_hi, p.m, p.Z, element_hi - element_lo, "the gradient");
   check_grad_out(p, grad_out);
-  at::Tensor grad = at::zeros({num_elements}, grad_out.options());
+  const int64_t lo = element_lo;
+  at::Tensor grad = at::zeros({element_hi - element_lo}, grad_out.options());
   float* out = grad.data_ptr<float>();
   // A dense buffer is the API's output here; it is still filled race-free (disjoint chunks).
-  for_each_touched_chunk(p, grad_out, [&](uint64_t, int64_t first, int64_t len, const float* g) {
-    std::copy(g, g + len, out + first);
-  });
+  for_each_touched_chunk(p, grad_out, ElementRange{element_lo, element_hi},
+                         [&](uint64_t, int64_t first, int64_t len, const float* g) {
+                           std::copy(g, g + len, out + (first - lo));
+                         });
   return grad;
 }
 
@@ -679,33 +737,38 @@ void pooled_backward_fused(const at::Tensor& grad_out, const at::Tensor& array, 
                            const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& hash_keys,
                            const at::Tensor& mean, const std::optional<at::Tensor>& per_sample_weights,
                            int64_t batch_size, int64_t dim, int64_t block_size, const std::string& optimizer,
-                           double lr, double eps) {
+                           double lr, double eps, int64_t num_elements, int64_t element_lo, int64_t element_hi) {
   check_float_array(array, "array");
   TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
   // Updated in place through the raw pointer: a non-contiguous tensor cannot be.
   TORCH_CHECK(array.is_contiguous(), "robe cpu kernel: array must be contiguous (it is updated in place)");
-  const Problem p = make_problem(array.numel(), indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim,
+  const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim,
                                  block_size);
+  check_range(element_lo, element_hi, p.m, p.Z, array.numel(), "array");
   check_grad_out(p, grad_out);
-  const int64_t num_chunks = (p.m + p.Z - 1) / p.Z;
+  // The shard [lo, hi) (the whole array when lo = 0, hi = m): the array and the state hold only its
+  // elements / chunks, so global element e is M[e - lo] and global chunk q is S[q - lo / Z].
+  const ElementRange range{element_lo, element_hi};
+  const int64_t lo = element_lo, local = element_hi - element_lo, chunk_lo = element_lo / p.Z;
+  const int64_t num_chunks = (local + p.Z - 1) / p.Z;
   float* M = array.data_ptr<float>();
   // The reference computes in float32 with the Python scalars cast to float: same here.
   const float lrf = static_cast<float>(lr), epsf = static_cast<float>(eps);
 
   if (optimizer == "sgd") {
-    for_each_touched_chunk(p, grad_out, [&](uint64_t, int64_t first, int64_t len, const float* g) {
-      float* x = M + first;
+    for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
+      float* x = M + (first - lo);
       for (int64_t e = 0; e < len; ++e) x[e] -= lrf * g[e];
     });
   } else if (optimizer == "adagrad") {
     check_float_array(state, "state");
-    TORCH_CHECK(state.dim() == 1 && state.numel() == p.m && state.is_contiguous(),
-                "robe cpu kernel: adagrad state must be a contiguous [num_elements] = [", p.m, "] tensor, got shape ",
-                state.sizes());
+    TORCH_CHECK(state.dim() == 1 && state.numel() == local && state.is_contiguous(),
+                "robe cpu kernel: adagrad state must be a contiguous [array elements] = [", local,
+                "] tensor, got shape ", state.sizes());
     float* S = state.data_ptr<float>();
-    for_each_touched_chunk(p, grad_out, [&](uint64_t, int64_t first, int64_t len, const float* g) {
-      float* x = M + first;
-      float* s = S + first;
+    for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
+      float* x = M + (first - lo);
+      float* s = S + (first - lo);
       for (int64_t e = 0; e < len; ++e) {
         s[e] += g[e] * g[e];
         x[e] -= (lrf * g[e]) / (std::sqrt(s[e]) + epsf);
@@ -714,16 +777,17 @@ void pooled_backward_fused(const at::Tensor& grad_out, const at::Tensor& array, 
   } else if (optimizer == "rowwise_adagrad") {
     check_float_array(state, "state");
     TORCH_CHECK(state.dim() == 1 && state.numel() == num_chunks && state.is_contiguous(),
-                "robe cpu kernel: rowwise_adagrad state must be a contiguous [ceil(num_elements / block_size)] = [",
+                "robe cpu kernel: rowwise_adagrad state must be a contiguous [ceil(array elements / block_size)] = [",
                 num_chunks, "] tensor, got shape ", state.sizes());
     float* S = state.data_ptr<float>();
-    for_each_touched_chunk(p, grad_out, [&](uint64_t q, int64_t first, int64_t len, const float* g) {
+    for_each_touched_chunk(p, grad_out, range, [&](uint64_t chunk, int64_t first, int64_t len, const float* g) {
+      const int64_t q = static_cast<int64_t>(chunk) - chunk_lo;
       float sum_sq = 0.0f;
       for (int64_t e = 0; e < len; ++e) sum_sq += g[e] * g[e];
       // Mean over the chunk's real elements: the last chunk may be shorter than Z.
       S[q] += sum_sq / static_cast<float>(len);
       const float denom = std::sqrt(S[q]) + epsf;
-      float* x = M + first;
+      float* x = M + (first - lo);
       for (int64_t e = 0; e < len; ++e) x[e] -= (lrf * g[e]) / denom;
     });
   } else {
@@ -760,7 +824,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ROBE pooled lookup CPU kernels (robe-torchrec)";
   m.def("pooled_forward", &pooled_forward, "pooled [B, F*dim] float32", py::arg("array"), py::arg("indices"),
         py::arg("offsets"), py::arg("hash_keys"), py::arg("mean"), py::arg("per_sample_weights"),
-        py::arg("batch_size"), py::arg("dim"), py::arg("block_size"));
+        py::arg("batch_size"), py::arg("dim"), py::arg("block_size"), py::arg("num_elements"),
+        py::arg("element_lo"), py::arg("element_hi"));
   m.def("pooled_forward_stored", &pooled_forward_stored, "pooled [B, F*dim] float32 from a stored array",
         py::arg("data"), py::arg("scale_bias"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
         py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),
@@ -768,11 +833,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooled_backward_dense", &pooled_backward_dense, "dense gradient [m] of sum(pooled * grad_out)",
         py::arg("grad_out"), py::arg("num_elements"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
         py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),
-        py::arg("block_size"));
+        py::arg("block_size"), py::arg("element_lo"), py::arg("element_hi"));
   m.def("pooled_backward_fused", &pooled_backward_fused, "one fused optimizer step, in place", py::arg("grad_out"),
         py::arg("array"), py::arg("state"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
         py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),
-        py::arg("block_size"), py::arg("optimizer"), py::arg("lr"), py::arg("eps"));
+        py::arg("block_size"), py::arg("optimizer"), py::arg("lr"), py::arg("eps"), py::arg("num_elements"),
+        py::arg("element_lo"), py::arg("element_hi"));
   m.def("block_offsets", &block_offsets, "block starts [n, num_blocks] (hash v1)", py::arg("ids"), py::arg("k0"),
         py::arg("k1"), py::arg("num_blocks"), py::arg("num_elements"));
 }

@@ -311,7 +311,6 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             raise DataError(f"{describe_data(cfg, 'train')}: no training batch for step {start + 1} (on some rank)")
     kind = choose_loop(cfg.train.pipeline, env.world_size, env.device)
     loop = make_loop(kind, model, optimizer, env.device)
-    say(f"training loop: {kind} (train.pipeline={cfg.train.pipeline})")
     logger = MetricsLogger(cfg.logging.dir, env.is_main, cfg.logging.tensorboard)
     progress = None
     if env.is_main and cfg.logging.progress:
@@ -332,6 +331,8 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             lr = set_lr(optimizers, base_lrs, lr_factor(cfg.optimizer, step))
             loss = loop.step(data)  # a fused ROBE optimizer updates the arrays in its backward
             step += 1
+            if step == start + 1:
+                say(f"{loop.describe()} (train.pipeline={cfg.train.pipeline})")
             _maybe_fail(cfg, env, step)
             failed, ran_out = data.next_missing(step - start) if step < cfg.train.steps else (False, False)
             loss_value, bad_loss, bad_params, data_error, no_data = _step_status(loss, params, failed, ran_out)

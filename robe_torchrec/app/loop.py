@@ -143,6 +143,9 @@ class PlainLoop:
         self.optimizer.step()
         return loss
 
+    def describe(self) -> str:
+        return "training loop: plain (forward, backward, step; one batch at a time)"
+
     def pause(self) -> None:
         """Before the model is called outside :meth:`step` (evaluation): nothing to undo here."""
 
@@ -166,6 +169,11 @@ class SparseDistLoop:
         except StopIteration:  # the trainer checks next_missing first: this is a bug, not the data
             raise RuntimeError("TrainPipelineSparseDist ran out of batches the trainer had counted on") from None
         return loss
+
+    def describe(self) -> str:
+        """After a step: which sharded modules the pipeline took over (none would mean no overlap)."""
+        names = [getattr(m.forward, "name", type(m).__name__) for m in self.pipeline._pipelined_modules]
+        return f"training loop: TrainPipelineSparseDist, input dist a batch ahead for {names or 'no module'}"
 
     def pause(self) -> None:
         """Restore the sharded modules' own forwards so the model can be called outside

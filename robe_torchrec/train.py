@@ -4,9 +4,14 @@
     torchrun --nproc_per_node 2 -m robe_torchrec.train --config configs/synthetic_small.yaml
     torchx run -s local_cwd launch/components.py:train --nproc_per_node 2
 
-Parallelism: one process trains the plain module (no wrapper, no process group: DMP on one
-rank would only add a 1-rank DDP wrapper), with the ROBE optimizer fused into backward when
-``optimizer.sparse`` is ``fused``. With WORLD_SIZE > 1 torchrec's EmbeddingShardingPlanner plans
+Loop (``train.pipeline``, :mod:`robe_torchrec.app.loop`): torchrec's TrainPipelineSparseDist
+when WORLD_SIZE > 1 or on CUDA (``auto``), the plain forward / backward / step loop on one CPU
+process; either can be forced (``sparse_dist`` / ``plain``) and both give the same results.
+
+Parallelism: one process with the plain loop trains the plain module (no process group), with
+the ROBE optimizer fused into backward when ``optimizer.sparse`` is ``fused``; one process with
+the pipeline gets a 1-rank process group and DMP (a sharded module for the pipeline to
+pipeline). Under a process group torchrec's EmbeddingShardingPlanner plans
 the model with ``[RobeEmbeddingBagCollectionSharder(fused_params=...), *get_default_sharders()]``
 under the ``robe.sharding`` / ``robe.sharding_type`` constraints (one per ROBE group), rank 0
 prints the plan, and DistributedModelParallel shards it: table_wise / row_wise groups are updated
@@ -32,7 +37,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +47,8 @@ from robe_torchrec.app import checkpoint
 from robe_torchrec.app.compat import check_compatible, checkpoint_signature
 from robe_torchrec.app.config import ConfigError, TrainConfig, load_config, split_cli_overrides
 from robe_torchrec.app.data import check_data, describe_data, train_batches, validation_batches
-from robe_torchrec.app.dist_env import DistEnv, setup, teardown
+from robe_torchrec.app.dist_env import DistEnv, init_one_process_group, setup, teardown
+from robe_torchrec.app.loop import Batches, BatchModel, choose_loop, make_loop
 from robe_torchrec.app.metrics import EvalResult, MetricsLogger, evaluate_batches
 from robe_torchrec.app.model import build_model, memory_report
 from robe_torchrec.app.optim import build_dense_optimizer, lr_factor, set_lr, trainable_dense_params
@@ -77,7 +83,8 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Wrapped:
-    """The model to call, the unwrapped module, the optimizers and their base LRs."""
+    """The model the loop calls (a BatchModel, or DMP around one), the DLRM (for evaluation: it
+    shares the BatchModel's children, sharded ones included), the optimizers and their base LRs."""
 
     model: torch.nn.Module
     unwrapped: torch.nn.Module
@@ -120,15 +127,16 @@ def sharding_constraints(cfg: TrainConfig, groups: Sequence[str]) -> "dict[str, 
 
 
 def wrap(cfg: TrainConfig, env: DistEnv) -> Wrapped:
-    """Build the model for this world size (plain module on one process, DMP otherwise)."""
-    if env.world_size == 1:
+    """Build the model: the plain module without a process group, DMP under one (any world size)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
         model = build_model(cfg, env.device, fused=cfg.optimizer.sparse == "fused", for_dmp=False)
         optimizer = build_dense_optimizer(cfg.optimizer, trainable_dense_params(model))
         fused = model.sparse_arch.embedding_bag_collection._fused_optimizer
         base_lrs = [cfg.optimizer.lr] + ([fused.config.lr] if fused is not None else [])
-        return Wrapped(model, model, optimizer, fused, base_lrs)
+        return Wrapped(BatchModel(model), model, optimizer, fused, base_lrs)
 
-    import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.types import ShardingEnv
@@ -156,14 +164,14 @@ def wrap(cfg: TrainConfig, env: DistEnv) -> Wrapped:
     if env.is_main:
         print(f"sharding plan:\n{plan}")
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=env.device
+        BatchModel(model), env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders, device=env.device
     )
     # Dense optimizer: MLPs + data_parallel arrays (+ table/row-wise shards when not fused).
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizer = KeyedOptimizerWrapper(dense_params, lambda ps: build_dense_optimizer(opt, ps))
     fused = dmp.fused_optimizer if dmp.fused_optimizer.params else None
     base_lrs = [opt.lr] + ([sparse_lr(cfg)] if fused is not None else [])
-    return Wrapped(dmp, dmp.module, optimizer, fused, base_lrs, plan)
+    return Wrapped(dmp, model, optimizer, fused, base_lrs, plan)
 
 
 def _maybe_fail(cfg: TrainConfig, env: DistEnv, step: int) -> None:
@@ -191,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     cfg, resume = parse_args(argv)
     env = setup(cfg.train.device)
     try:
+        if choose_loop(cfg.train.pipeline, env.world_size, env.device) == "sparse_dist" and env.world_size == 1:
+            init_one_process_group(env)  # DMP on one rank: a sharded module for the pipeline
         return run(cfg, env, resume)
     finally:
         teardown()
@@ -237,13 +247,6 @@ def _warn_if_starting_over(ckpt_dir: str, say: Any) -> None:
             "from step 0 (no --resume) and replaces them as it goes: pass --resume to continue that run instead, "
             "or set logging.dir / checkpoint.dir to keep both"
         )
-
-
-def _fetch(data: Iterator[Any]) -> "tuple[Optional[Any], Optional[BaseException]]":
-    try:
-        return next(data, None), None
-    except Exception as e:  # a bad file: reported on every rank after the step's agreement
-        return None, e
 
 
 def _finite_params(model: torch.nn.Module) -> List[torch.Tensor]:
@@ -299,14 +302,15 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             say(f"resumed from {path} (step {start})")
     meta = {"signature": signature, "config": cfg.to_dict(), "world_size": env.world_size}
 
-    data = train_batches(cfg, start, env.rank, env.world_size)
-    batch: Optional[Any] = None
+    data = Batches(train_batches(cfg, start, env.rank, env.world_size), limit=max(cfg.train.steps - start, 0))
     if start < cfg.train.steps:
-        batch, error = _fetch(data)
-        if checkpoint.any_rank(error is not None or batch is None):
-            if error is not None:
-                raise error
+        failed, _ = data.next_missing(0)
+        if failed or data.ran_out:
+            if data.error is not None:
+                raise data.error
             raise DataError(f"{describe_data(cfg, 'train')}: no training batch for step {start + 1} (on some rank)")
+    kind = choose_loop(cfg.train.pipeline, env.world_size, env.device)
+    loop = make_loop(kind, model, optimizer, env.device)
     logger = MetricsLogger(cfg.logging.dir, env.is_main, cfg.logging.tensorboard)
     progress = None
     if env.is_main and cfg.logging.progress:
@@ -324,19 +328,14 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
     model.train()
     try:
         while step < cfg.train.steps and not stopped_early and not exhausted:
-            batch = batch.to(env.device)
             lr = set_lr(optimizers, base_lrs, lr_factor(cfg.optimizer, step))
-            logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            optimizer.zero_grad()
-            loss.backward()  # a fused ROBE optimizer updates the arrays here
-            optimizer.step()
+            loss = loop.step(data)  # a fused ROBE optimizer updates the arrays in its backward
             step += 1
+            if step == start + 1:
+                say(f"{loop.describe()} (train.pipeline={cfg.train.pipeline})")
             _maybe_fail(cfg, env, step)
-            batch, error = _fetch(data) if step < cfg.train.steps else (None, None)
-            loss_value, bad_loss, bad_params, data_error, no_data = _step_status(
-                loss, params, error is not None, step < cfg.train.steps and error is None and batch is None
-            )
+            failed, ran_out = data.next_missing(step - start) if step < cfg.train.steps else (False, False)
+            loss_value, bad_loss, bad_params, data_error, no_data = _step_status(loss, params, failed, ran_out)
             if bad_loss or bad_params:
                 what = f"the loss is {loss_value}" if bad_loss else "the parameters hold NaN or inf after the update"
                 latest = checkpoint.latest_step_dir(ckpt_dir)
@@ -360,7 +359,8 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
                 progress.update(1)
 
             if (cfg.eval.every and step % cfg.eval.every == 0) or last:
-                result = evaluate_batches(model, val, env.device)
+                loop.pause()  # the DLRM is called outside the loop's step
+                result = evaluate_batches(unwrapped, val, env.device)
                 logger.log(step, "eval", auc=result.auc, logloss=result.logloss, elapsed_s=time.perf_counter() - t0)
                 if progress is None:
                     say(f"step {step}: val AUC {result.auc:.4f} logloss {result.logloss:.4f}")
@@ -376,10 +376,11 @@ def run(cfg: TrainConfig, env: DistEnv, resume: bool) -> TrainResult:
             if exhausted:
                 say(f"training data exhausted after step {step} (train.steps {cfg.train.steps})")
             if data_error:  # the next batch is bad: this step's state is good and was checkpointed as due
-                if error is not None:
-                    raise error
+                if data.error is not None:
+                    raise data.error
                 raise DataError(f"{describe_data(cfg, 'train')}: reading the training data failed on another rank")
     finally:
+        loop.close()
         if progress is not None:
             progress.close()
         logger.close()

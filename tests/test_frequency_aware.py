@@ -239,3 +239,20 @@ def test_quick_quality_benchmark_robe_freq_learns(tmp_path):
     assert plain["memory_bytes"] - 4 < freq["memory_bytes"] <= plain["memory_bytes"]
     run = next(r for r in result["runs"] if r["method"] == "robe_freq-Z8")
     assert run["curve"][-1][1] > run["curve"][0][1]  # the learning curve rises
+
+
+def test_sketch_every_counts_a_subsample_in_sketches_and_lookups_alike():
+    m = _module(refresh=10**6, sketch_every=2)
+    rng = np.random.default_rng(8)
+    batches = [_batch(rng) for _ in range(6)]
+    m.train()
+    for kjt in batches:
+        m(kjt)
+    counted = batches[0::2]
+    assert float(m.lookups) == sum(k.values().numel() for k in counted)
+    from collections import Counter
+
+    exact = Counter(torch.cat([k["f0"].values() for k in counted]).tolist())
+    ids, counts, errors = m.sketches["t0"].entries()  # t0 has 6 ids, fewer than its capacity: exact
+    assert errors.abs().sum() == 0
+    assert {int(i): float(c) for i, c in zip(ids, counts)} == {i: float(c) for i, c in exact.items()}

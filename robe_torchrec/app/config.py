@@ -179,7 +179,12 @@ class TrainSection:
     evaluation reaches it (null: never). ``device``: ``auto`` (cuda if available), cpu, cuda.
     ``fail_at_step`` (testing restarts; 0: never): rank ``fail_rank`` (-1: the last rank) exits
     with status 1 right after update ``fail_at_step``, once per run directory (a marker file
-    ``<logging.dir>/failed_at_step_<N>`` records it), so a restarted job gets past it."""
+    ``<logging.dir>/failed_at_step_<N>`` records it), so a restarted job gets past it.
+    ``pipeline``: the loop (robe_torchrec.app.loop): ``sparse_dist`` is torchrec's
+    TrainPipelineSparseDist (the next batch's input dist overlaps this batch's step; one process
+    gets a 1-rank process group and DistributedModelParallel so there is a sharded module to
+    pipeline), ``plain`` the plain forward / backward / step loop, ``auto`` sparse_dist when
+    WORLD_SIZE > 1 or on CUDA, plain on one CPU process. Same results either way."""
 
     steps: int = 300
     global_batch_size: int = 512
@@ -189,6 +194,7 @@ class TrainSection:
     log_every: int = 25
     fail_at_step: int = 0
     fail_rank: int = -1
+    pipeline: str = "auto"
 
 
 @dataclass
@@ -245,6 +251,7 @@ _CHOICES = {
     ("optimizer", "sparse"): ("fused", "dense"),
     ("optimizer", "fused_kind"): ("sgd", "adagrad", "rowwise_adagrad"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "pipeline"): ("auto", "sparse_dist", "plain"),
 }
 
 

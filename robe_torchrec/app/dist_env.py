@@ -48,6 +48,16 @@ def setup(device_choice: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def init_one_process_group(env: DistEnv) -> None:
+    """A 1-rank process group (in-process store, no ports) for a single process that runs under
+    DistributedModelParallel, e.g. to train through TrainPipelineSparseDist on one GPU."""
+    if env.world_size != 1:
+        raise ValueError(f"a 1-rank process group needs WORLD_SIZE 1, got {env.world_size}")
+    if not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

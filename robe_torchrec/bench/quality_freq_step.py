@@ -39,6 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--warmup", type=int, default=64, help="untimed frequency-aware steps first")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sketch-every", type=int, default=1, help="FrequencyAwareConfig.sketch_every")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     qargs = q.parse_args([])
@@ -55,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         tables, RobeConfig.from_compression(tables, args.ratio, block_size=args.block_size), fused_optimizer=opt
     )
     freq = FrequencyAwareRobeEmbeddingBagCollection.from_compression(
-        tables, args.ratio, batches[:16], block_size=args.block_size, config=FrequencyAwareConfig(), fused_optimizer=opt
+        tables, args.ratio, batches[:16], block_size=args.block_size, config=FrequencyAwareConfig(sketch_every=args.sketch_every),
+        fused_optimizer=opt
     )
     grad = torch.randn(args.batch_size, sum(t.embedding_dim for t in tables)) * 1e-3
 
@@ -77,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     hot = sum(len(v) for v in freq.hot_set().values())
     res = {k: (statistics.median(v) * 1e3, statistics.fmean(v) * 1e3) for k, v in times.items()}
     print(f"ratio {args.ratio:g}x, Z={args.block_size}, batch {args.batch_size}, {len(tables)} tables, "
-          f"threads {args.threads}; frequency-aware: {plan_summary(freq.hot_capacities())}, {hot} hot now")
+          f"threads {args.threads}; frequency-aware (sketch_every {args.sketch_every}): {plan_summary(freq.hot_capacities())}, {hot} hot now")
     for k, (med, mean) in res.items():
         print(f"{k:6s} median {med:8.2f} ms/step   mean {mean:8.2f} ms/step")
     print(f"freq / plain: median {res['freq'][0] / res['plain'][0]:.2f}x   mean {res['freq'][1] / res['plain'][1]:.2f}x")

@@ -41,6 +41,8 @@ class FrequencyAwareConfig:
             traffic share is >= alpha * (its bytes) / budget (planning and every refresh).
         sketch_factor: sketch entries per hot row of a table (space-saving needs slack over k).
         refresh_every: training forwards between promotion/demotion passes.
+        sketch_every: feed the sketches every this many training forwards (1: every batch; more
+            cuts the per-step cost of counting, on a subsample of the stream).
         max_swaps: promotions per table per refresh (bounded cost); 0 means the table's capacity.
         hysteresis: an incumbent hot id's count is multiplied by this when ranking (no thrashing
             between ids of nearly equal counts).
@@ -52,6 +54,7 @@ class FrequencyAwareConfig:
     min_traffic_per_byte: float = 1.0
     sketch_factor: int = 2
     refresh_every: int = 32
+    sketch_every: int = 1
     max_swaps: int = 0
     hysteresis: float = 1.2
     decay: float = 1.0
@@ -62,7 +65,7 @@ class FrequencyAwareConfig:
             raise ValueError(f"max_hot_fraction must be in [0, 1), got {self.max_hot_fraction}")
         if not (self.min_traffic_per_byte > 0 and math.isfinite(self.min_traffic_per_byte)):
             raise ValueError(f"min_traffic_per_byte must be a positive number, got {self.min_traffic_per_byte}")
-        for name in ("sketch_factor", "refresh_every", "calibration_capacity"):
+        for name in ("sketch_factor", "refresh_every", "sketch_every", "calibration_capacity"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"FrequencyAwareConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_swaps < 0:

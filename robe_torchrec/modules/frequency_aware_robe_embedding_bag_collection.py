@@ -40,7 +40,6 @@ import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
@@ -238,41 +237,45 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             self._observe(ids, bounds)
         slots, hot = self._lookup_slots(ids, bounds)
         weights = features.weights_or_none() if self.robe.is_weighted() else None
-        w = torch.ones(ids.numel(), dtype=torch.float32, device=ids.device) if weights is None else weights.float()
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
         robe = self.robe
         fused = robe._fused_optimizer
         array = robe.arrays[DEFAULT_GROUP]
         if fused is not None:
             fused.ensure_bound(robe._named_arrays())
         args = None if fused is None else fused.kernel_args(array)
-        cold_ids, cold_offsets, cold_w = self._cold_batch(ids, offsets, hot, weights, batch)
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
+                                      output_size=ids.numel())
+        cold_ids, cold_offsets, cold_w = self._cold_batch(ids, lengths, bag, hot, weights, batch)
         cold = robe_pooled_lookup(
             array, cold_ids, cold_offsets, robe._layouts[DEFAULT_GROUP], robe._keys_for(DEFAULT_GROUP), batch,
             cold_w, kernel=robe.kernel, fused_optimizer=args,
         )
-        hot_w = torch.where(hot, w, zero)
+        # only the hot ids: their slot, bag, and weight (MEAN's 1 / bag length folded in)
+        hot_idx = torch.nonzero(hot).flatten()
+        h_slots, h_bag = slots[hot_idx], bag[hot_idx]
+        h_w = weights[hot_idx].float() if weights is not None else torch.ones(hot_idx.numel(), device=ids.device)
+        if self._any_mean:
+            h_w = h_w * self._mean_scale(offsets, batch)[h_bag]
+        num_bags = lengths.numel()
         if args is None:
-            bags = F.embedding_bag(slots, self.hot_rows, offsets, mode="sum", per_sample_weights=hot_w,
-                                   include_last_offset=True)
+            picked = self.hot_rows.index_select(0, h_slots) * h_w.unsqueeze(1)
+            bags = torch.zeros(num_bags, self._dim, device=ids.device, dtype=picked.dtype).index_add(0, h_bag, picked)
         else:
             hot_args = OptimizerArgs(kind=args.kind, state=self.hot_state, lr=args.lr, eps=args.eps)
-            bags = _HotPooledFused.apply(self.hot_rows, slots, offsets, hot_w, hot_args)
-        bags = bags * self._mean_scale(offsets, batch).unsqueeze(1)
+            bags = _HotPooledFused.apply(self.hot_rows, h_slots, h_bag, h_w, num_bags, hot_args)
         pooled_hot = bags.view(num_features, batch, self._dim).transpose(0, 1).reshape(batch, -1)
         return KeyedTensor(
             keys=robe._embedding_names, length_per_key=robe._lengths_per_embedding, values=cold + pooled_hot
         )
 
-    def _cold_batch(self, ids: torch.Tensor, offsets: torch.Tensor, hot: torch.Tensor,
+    def _cold_batch(self, ids: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, hot: torch.Tensor,
                     weights: Optional[torch.Tensor], batch: int
                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The batch without its hot ids, for ROBE's kernels (fewer reads than plain ROBE). MEAN
         bags keep dividing by their full length: their cold ids get weight cold_len / full_len."""
-        lengths = offsets[1:] - offsets[:-1]
         cold = ~hot
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
-                                      output_size=ids.numel())[cold]
+        bag = bag[cold]
         cold_len = torch.bincount(bag, minlength=lengths.numel())
         cold_offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=ids.device)
         torch.cumsum(cold_len, 0, out=cold_offsets[1:])
@@ -320,15 +323,17 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
 
     @torch.no_grad()
     def _observe(self, ids: torch.Tensor, bounds: List[int]) -> None:
-        """Count this batch's lookups per table; every ``refresh_every`` forwards, refresh."""
-        per_table: Dict[str, List[torch.Tensor]] = {}
-        for f, name in enumerate(self._table_of_feature):
-            per_table.setdefault(name, []).append(ids[bounds[f] : bounds[f + 1]])
-        total = float(ids.numel())
-        for name, parts in per_table.items():
-            if name in self.sketches:
-                self.sketches[name].update(torch.cat(parts))
-        self.lookups += total
+        """Count this batch's lookups per table (every ``sketch_every``-th batch: a subsample of the
+        stream, counted in the sketches and in ``lookups`` alike, so traffic shares stay unbiased);
+        every ``refresh_every`` forwards, refresh."""
+        if int(self.step) % self._config.sketch_every == 0:
+            per_table: Dict[str, List[torch.Tensor]] = {}
+            for f, name in enumerate(self._table_of_feature):
+                per_table.setdefault(name, []).append(ids[bounds[f] : bounds[f + 1]])
+            for name, parts in per_table.items():
+                if name in self.sketches:
+                    self.sketches[name].update(torch.cat(parts))
+            self.lookups += float(ids.numel())
         self.step += 1
         if int(self.step) % self._config.refresh_every == 0:
             self.refresh()
@@ -446,25 +451,23 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
 
 
 class _HotPooledFused(torch.autograd.Function):
-    """Pooled gather of hot rows whose backward applies the fused optimizer rule to them in place
-    (the rows' dense gradient is small: slots x D), leaving no gradient."""
+    """Pooled gather of the hot ids' rows (``bags[bag_i] += w_i * rows[slot_i]``) whose backward
+    applies the fused optimizer rule to the rows in place (their dense gradient is small: slots x D),
+    leaving no gradient."""
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,  # type: ignore[override]
-                weights: torch.Tensor, optimizer: OptimizerArgs) -> torch.Tensor:
-        out = F.embedding_bag(slots, rows.detach(), offsets, mode="sum", per_sample_weights=weights,
-                              include_last_offset=True)
-        ctx.meta = (rows, slots, offsets, weights, optimizer)
+    def forward(ctx: Any, rows: torch.Tensor, slots: torch.Tensor, bags: torch.Tensor,  # type: ignore[override]
+                weights: torch.Tensor, num_bags: int, optimizer: OptimizerArgs) -> torch.Tensor:
+        out = torch.zeros(num_bags, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        out.index_add_(0, bags, rows.detach()[slots] * weights.unsqueeze(1))
+        ctx.meta = (rows, slots, bags, weights, optimizer)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        rows, slots, offsets, weights, optimizer = ctx.meta
-        lengths = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=slots.device), lengths,
-                                      output_size=slots.numel())
+        rows, slots, bags, weights, optimizer = ctx.meta
         g = torch.zeros_like(rows.data)
-        g.index_add_(0, slots, grad_out[bag] * weights.unsqueeze(1))
+        g.index_add_(0, slots, grad_out[bags] * weights.unsqueeze(1))
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(rows.data.view(-1), optimizer.state, g.view(-1), optimizer.kind, lr, eps, rows.shape[1])
-        return None, None, None, None, None
+        return None, None, None, None, None, None

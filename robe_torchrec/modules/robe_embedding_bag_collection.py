@@ -153,6 +153,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             },
         )
         self._hash_keys: Dict[str, torch.Tensor] = {}
+        # sha256 of the table names, once on the host: torch.compile cannot trace hashlib.
+        self._host_hash_keys: Dict[str, torch.Tensor] = {g: lay.hash_keys(torch.device("cpu")) for g, lay in self._layouts.items()}
         self._fused_optimizer: Optional[RobeFusedOptimizer] = None
         if fused_optimizer is not None:
             self._fused_optimizer = RobeFusedOptimizer(
@@ -266,12 +268,13 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
     # ----- helpers --------------------------------------------------------------------------------
 
     def _keys_for(self, group: str) -> torch.Tensor:
-        """Table keys of a group on the array's device, computed once (sha256 on the host)."""
+        """Table keys of a group on the array's device, copied there once (computed at init)."""
         device = self.arrays[group].device
         cached = self._hash_keys.get(group)
         if cached is None or cached.device != device:
-            cached = self._layouts[group].hash_keys(device)
-            self._hash_keys[group] = cached
+            cached = self._host_hash_keys[group].to(device)
+            if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # traced: may be fake
+                self._hash_keys[group] = cached
         return cached
 
     def _to_output_order(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -324,7 +327,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         offsets = features.offsets_or_none()
         if offsets is not None and offsets.numel() != lengths.numel() + 1:
             raise ValueError(f"KJT has {offsets.numel()} offsets for {lengths.numel()} bags (expected bags + 1)")
-        if _data_checks_on(self, values.device):
+        # Under torch.compile / export the host read would break the graph (or fail on a dynamic
+        # number of ids): the lookup op then checks the bag window itself when it runs.
+        if _data_checks_on(self, values.device) and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             _check_lengths(lengths, values.numel())
         if list(keys) != self._input_features:
             features = features.permute([keys.index(f) for f in self._input_features])

@@ -189,5 +189,6 @@ def mean_flags(mean: Tuple[bool, ...], device: torch.device) -> torch.Tensor:
     cached = _MEAN_FLAGS.get(key)
     if cached is None:
         cached = torch.tensor(key[0], dtype=torch.bool, device=key[1])
-        _MEAN_FLAGS[key] = cached
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            _MEAN_FLAGS[key] = cached  # a traced one may be fake: the graph keeps its own
     return cached

@@ -24,6 +24,7 @@ import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
+from robe_torchrec.ops.library import fused_lookup
 from robe_torchrec.ops.reference import apply_optimizer_dense, robe_pooled_lookup_reference
 
 KERNELS = ("auto", "reference", "cpu", "triton")
@@ -45,6 +46,14 @@ def _available(name: str) -> Tuple[bool, str]:
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """The kernel that will actually run for ``kernel`` on ``device``."""
+    return _resolve(kernel, torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(kernel: str, device_type: str) -> str:
+    """resolve_kernel on a device type; run eagerly (import, build, warning) even while torch.compile
+    traces, which then treats the name as a constant of the graph."""
+    device = torch.device(device_type)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "reference":
@@ -95,31 +104,6 @@ def _optimizer_args(fused: FusedArg, array: torch.Tensor) -> Optional[OptimizerA
     )
 
 
-class _RobeLookup(torch.autograd.Function):
-    """One uniform-dim lookup; backward is the kernel's dense or fused backward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, array: torch.Tensor, batch: LookupBatch, kernel: str, optimizer: Optional[OptimizerArgs]
-    ) -> torch.Tensor:
-        out = _backend(kernel).pooled_forward(array.detach(), batch)
-        ctx.meta = (array, batch, kernel, optimizer)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        array, batch, kernel, optimizer = ctx.meta
-        backend = _backend(kernel)
-        grad_out = grad_out.contiguous()
-        grad_array = None
-        if optimizer is not None:
-            with torch.no_grad():
-                backend.pooled_backward_fused(grad_out, array.data, batch, optimizer)
-        elif ctx.needs_input_grad[0]:
-            grad_array = backend.pooled_backward_dense(grad_out, batch)
-        return grad_array, None, None, None
-
-
 def robe_pooled_lookup(
     array: torch.Tensor,
     indices: torch.Tensor,
@@ -145,7 +129,7 @@ def robe_pooled_lookup(
     """
     name = resolve_kernel(kernel, array.device)
     optimizer = _optimizer_args(fused_optimizer, array)
-    if name == "reference":
+    if name == "reference" and (optimizer is None or len(set(layout.dims)) > 1):
         if optimizer is not None:
             return _ReferenceFused.apply(
                 array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights, optimizer
@@ -165,9 +149,22 @@ def robe_pooled_lookup(
         num_elements=layout.num_elements,
     )
     if len(set(dims)) == 1:
-        return _RobeLookup.apply(array, batch, name, optimizer)
+        if optimizer is not None:
+            return fused_lookup(array, batch, optimizer, name)
+        return _forward_op(array, batch, name)
     runs = [batch.features(f0, f1, dims[f0]) for f0, f1 in _dim_runs(dims)]
+    if optimizer is None:  # autograd sums the runs' dense gradients
+        return torch.cat([_forward_op(array, run, name) for run in runs], dim=1)
     return _RobeLookupRuns.apply(array, runs, name, optimizer)
+
+
+def _forward_op(array: torch.Tensor, batch: LookupBatch, kernel: str) -> torch.Tensor:
+    """``robe::pooled_forward`` of one uniform-dim batch (dense gradient through register_autograd)."""
+    b = batch
+    return torch.ops.robe.pooled_forward(
+        array, b.indices, b.offsets, b.hash_keys, b.mean, b.weights,
+        b.batch_size, b.dim, b.block_size, b.num_elements, kernel,
+    )
 
 
 def _dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:

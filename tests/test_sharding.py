@@ -196,9 +196,16 @@ def test_sharded_dlrm_equals_unsharded(types, fused):
 
 
 def test_fast_cpu_kernel_in_table_wise_and_data_parallel_groups():
-    """kernel="auto" (the C++ kernel on CPU) on the owner / replicas; row_wise pools with masked partial sums."""
+    """kernel="auto" (the C++ kernel on CPU) on the owner / replicas, and on row_wise shards (its
+    element_range path) with the fused step, against the unsharded reference-kernel model."""
     get_pool(2).run(_train_and_compare, {"g_a": "table_wise", "g_b": "data_parallel"}, "sgd", 3, "auto")
     get_pool(2).run(_train_and_compare, {"g_a": "table_wise", "g_b": "row_wise"}, "rowwise_adagrad", 3, "auto")
+
+
+@pytest.mark.parametrize("fused", [None, "adagrad"], ids=["unfused", "adagrad"])
+def test_row_wise_on_the_cpu_kernel(fused):
+    """Both groups row_wise on the C++ kernel (dense shard gradient, or the fused step)."""
+    get_pool(2).run(_train_and_compare, {"g_a": "row_wise", "g_b": "row_wise"}, fused, 3, "auto")
 
 
 # ----- checkpoints: torch.distributed.checkpoint saves on N ranks and loads on M ranks ------------------

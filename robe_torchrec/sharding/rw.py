@@ -3,8 +3,10 @@
 Input dist: every lookup is sent to each rank owning an element of its blocks
 (:func:`robe_torchrec.sharding.rw_lookup.owner_mask`); the ids of all row-wise groups go in one
 ``KJTAllToAll`` (held as ``_dist``; keys repeated W times, rank-major, torchrec's bucketized
-layout). Lookup: each rank sums only the elements it owns (``partial_pooled``, fused optimizer in
-backward) for the global batch, ``[W * B, D]``. Output dist: the partial sums are reduce-scattered
+layout). Lookup: each rank sums only the elements it owns for the global batch, ``[W * B, D]``: on the
+C++ kernel's element_range path (``robe_torchrec.ops.shard_lookup``; fused optimizer in backward,
+touching only the chunks read) where the module's kernel resolves to it, else the masked PyTorch
+path (``partial_pooled``: reference kernel, and CUDA until Triton has element_range). Output dist: the partial sums are reduce-scattered
 back to the batch's rank (torchrec's ``PooledEmbeddingsReduceScatter``; on gloo, which has no
 reduce-scatter, a ``PooledEmbeddingsAllToAll`` of the W row blocks plus a local sum: the same
 bytes on the wire); MEAN divides after the reduction, where the whole bag is known.
@@ -21,6 +23,8 @@ from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
 from torchrec.distributed.types import Awaitable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from robe_torchrec.modules.robe_embedding_bag_collection import _offsets_of
+from robe_torchrec.ops.shard_lookup import robe_shard_lookup, shard_kernel
 from robe_torchrec.sharding.common import MapAwaitable, RobeSharding, RobeShardingContext
 from robe_torchrec.sharding.groups import RW, Group
 from robe_torchrec.sharding.rw_lookup import owner_mask, partial_pooled, partial_pooled_fused
@@ -106,16 +110,25 @@ class RobeRwSharding(RobeSharding):
 
     def compute(self, ctx: RobeShardingContext, kjt: KeyedJaggedTensor, arrays: nn.ParameterDict, fused: Optional[Any]) -> torch.Tensor:
         parts = kjt.split([g.layout.num_features for g in self.groups]) if len(self.groups) > 1 else [kjt]
-        out = []
-        for g, part in zip(self.groups, parts):
-            values = part.values()
-            ids = values if values.dtype == torch.int64 else values.to(torch.int64)
-            args = (arrays[g.name], g.lo, ids, part.lengths(), g.layout, self._hash_keys[g.name], part.stride(), part.weights_or_none())
-            if fused is not None:
-                out.append(partial_pooled_fused(*args, fused, fused.state_of(arrays[g.name])))
-            else:
-                out.append(partial_pooled(*args))
+        out = [self._partial(g, part, arrays[g.name], fused) for g, part in zip(self.groups, parts)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def _partial(self, g: Group, part: KeyedJaggedTensor, local: torch.Tensor, fused: Optional[Any]) -> torch.Tensor:
+        """This rank's partial sums of one group: the element_range kernel where the module's kernel
+        has one (C++ on CPU), else the masked PyTorch path (reference kernel, or CUDA for now)."""
+        values = part.values()
+        ids = values if values.dtype == torch.int64 else values.to(torch.int64)
+        weights = part.weights_or_none()
+        kernel = shard_kernel(self._kernel, local.device)
+        if kernel is not None:
+            return robe_shard_lookup(
+                local, (g.lo, g.hi), ids, _offsets_of(part), g.layout, self._hash_keys[g.name], part.stride(),
+                weights, kernel=kernel, fused_optimizer=fused,
+            )
+        args = (local, g.lo, ids, part.lengths(), g.layout, self._hash_keys[g.name], part.stride(), weights)
+        if fused is not None:
+            return partial_pooled_fused(*args, fused, fused.state_of(local))
+        return partial_pooled(*args)
 
     def output_dist(self, ctx: RobeShardingContext, output: torch.Tensor) -> Awaitable[Dict[str, torch.Tensor]]:
         if output.shape[0] % self._world_size != 0:

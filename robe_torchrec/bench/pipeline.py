@@ -9,6 +9,7 @@ group, one after the other, so their ratio is comparable on a noisy machine. A s
 prints its error instead of a time.
 
     python -m robe_torchrec.bench.pipeline --world-size 2 --steps 30
+    python -m robe_torchrec.bench.pipeline --types row_wise --kernels auto,reference   # kernel vs masked path
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.multiprocessing as mp
 TYPES = ("data_parallel", "table_wise", "row_wise")
 
 
-def _build(sharding_type: str, fused: str, batch_size: int, world_size: int) -> Any:
+def _build(sharding_type: str, fused: str, batch_size: int, world_size: int, kernel: str = "auto") -> Any:
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
@@ -45,7 +46,7 @@ def _build(sharding_type: str, fused: str, batch_size: int, world_size: int) -> 
     data = SyntheticCriteoConfig(seed=0)
     tables = make_tables(data, 16)
     robe = RobeConfig.from_compression(tables, ratio=1000, block_size=16)
-    ebc = RobeEmbeddingBagCollection(tables, robe)
+    ebc = RobeEmbeddingBagCollection(tables, robe, kernel=kernel)
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=data.num_dense,
                            dense_arch_layer_sizes=[64, 16], over_arch_layer_sizes=[64, 32, 1]))
     fused_params = None if fused == "none" else {"optimizer": fused, "lr": 0.05}
@@ -101,11 +102,11 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300))
     rows: List[Dict[str, Any]] = []
     try:
-        for stype in args.types.split(","):
-            row: Dict[str, Any] = {"type": stype}
+        for stype, kernel in [(t, k) for t in args.types.split(",") for k in args.kernels.split(",")]:
+            row: Dict[str, Any] = {"type": stype, "kernel": kernel}
             for side, loop in (("plain", _plain), ("pipeline", _pipelined)):
                 try:
-                    model, optimizer, data = _build(stype, args.fused, args.batch, world_size)
+                    model, optimizer, data = _build(stype, args.fused, args.batch, world_size, kernel)
                     batches = _batches(data, args.batch, rank, world_size, args.steps + args.warmup)
                     times = loop(model, optimizer, batches)[args.warmup:]
                     row[side] = 1e3 * statistics.median(times)
@@ -126,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--fused", default="rowwise_adagrad", help="sharder fused_params optimizer, or 'none'")
+    p.add_argument("--kernels", default="auto", help="module kernels to time, comma-separated (auto: C++ on CPU; "
+                   "reference: PyTorch, which is also what row_wise ran before it had the C++ element_range path)")
     p.add_argument("--batch", type=int, default=512, help="per-rank batch size")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -144,13 +147,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         proc.join()
     print(f"\n{args.world_size} processes (gloo, CPU, {args.threads} thread(s) each), per-rank batch {args.batch}, "
           f"ROBE 1000x, fused {args.fused}; median ms per step over {args.steps} steps after {args.warmup}")
-    print("| sharding type | plain loop ms | TrainPipelineSparseDist ms | plain / pipeline |")
-    print("|---|---|---|---|")
+    print("| sharding type | kernel | plain loop ms | TrainPipelineSparseDist ms | plain / pipeline |")
+    print("|---|---|---|---|---|")
     for r in rows:
         plain, pipe = r["plain"], r["pipeline"]
         ratio = f"{plain / pipe:.2f}x" if isinstance(plain, float) and isinstance(pipe, float) else "-"
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else v  # noqa: E731
-        print(f"| {r['type']} | {fmt(plain)} | {fmt(pipe)} | {ratio} |")
+        print(f"| {r['type']} | {r['kernel']} | {fmt(plain)} | {fmt(pipe)} | {ratio} |")
     return rows
 
 

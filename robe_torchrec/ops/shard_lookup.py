@@ -8,8 +8,9 @@ shards tiling ``[0, m)`` add up to the whole-array SUM lookup. MEAN is the calle
 touching only the chunks the lookups read: the C++ kernel's element_range path, no mask tensors
 and no ``[nnz, D]`` intermediate.
 
-Only kernels that implement element_range are accepted here (today: ``cpu``); callers fall back
-to the masked PyTorch path (``robe_torchrec.sharding.rw_lookup.partial_pooled``) otherwise.
+Only kernels that implement element_range are accepted here (``cpu``, ``triton``); callers fall
+back to the masked PyTorch path (``robe_torchrec.sharding.rw_lookup.partial_pooled``) otherwise
+(the ``reference`` kernel).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.lookup import FusedArg, _backend, _dim_runs, _optimizer_args, resolve_kernel
 from robe_torchrec.ops.reference import apply_optimizer_dense
 
-SHARD_KERNELS = ("cpu",)
+SHARD_KERNELS = ("cpu", "triton")
 
 
 def shard_kernel(kernel: str, device: torch.device) -> Optional[str]:

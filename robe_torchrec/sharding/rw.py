@@ -4,9 +4,9 @@ Input dist: every lookup is sent to each rank owning an element of its blocks
 (:func:`robe_torchrec.sharding.rw_lookup.owner_mask`); the ids of all row-wise groups go in one
 ``KJTAllToAll`` (held as ``_dist``; keys repeated W times, rank-major, torchrec's bucketized
 layout). Lookup: each rank sums only the elements it owns for the global batch, ``[W * B, D]``: on the
-C++ kernel's element_range path (``robe_torchrec.ops.shard_lookup``; fused optimizer in backward,
-touching only the chunks read) where the module's kernel resolves to it, else the masked PyTorch
-path (``partial_pooled``: reference kernel, and CUDA until Triton has element_range). Output dist: the partial sums are reduce-scattered
+element_range path of the C++ (CPU) or Triton (CUDA) kernel (``robe_torchrec.ops.shard_lookup``;
+fused optimizer in backward, touching only the chunks read) where the module's kernel resolves to
+one, else the masked PyTorch path (``partial_pooled``: the reference kernel). Output dist: the partial sums are reduce-scattered
 back to the batch's rank (torchrec's ``PooledEmbeddingsReduceScatter``; on gloo, which has no
 reduce-scatter, a ``PooledEmbeddingsAllToAll`` of the W row blocks plus a local sum: the same
 bytes on the wire); MEAN divides after the reduction, where the whole bag is known.
@@ -115,7 +115,7 @@ class RobeRwSharding(RobeSharding):
 
     def _partial(self, g: Group, part: KeyedJaggedTensor, local: torch.Tensor, fused: Optional[Any]) -> torch.Tensor:
         """This rank's partial sums of one group: the element_range kernel where the module's kernel
-        has one (C++ on CPU), else the masked PyTorch path (reference kernel, or CUDA for now)."""
+        has one (C++ on CPU, Triton on CUDA), else the masked PyTorch path (reference kernel)."""
         values = part.values()
         ids = values if values.dtype == torch.int64 else values.to(torch.int64)
         weights = part.weights_or_none()

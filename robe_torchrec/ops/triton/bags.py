@@ -88,14 +88,25 @@ if triton is not None:
         return tl.reduce(tl.reduce(tl.reduce(w, 2, MAX_COMBINE), 1, MAX_COMBINE), 0, MAX_COMBINE)
 
     @triton.jit
-    def _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, k, elem_ok,
-                    HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, WRAP: tl.constexpr):
+    def _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok,
+                    HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, WRAP: tl.constexpr, RANGED: tl.constexpr):
         for u in tl.static_range(U):  # lookups added one after the other, in input order
             s = _pick(s3, u, U)
             live = i + u < length
             e = s[:, :, None] + k[None, None, :]
             msk = live[:, None, None] & elem_ok
-            if WRAP:
+            if RANGED:
+                # a row-wise shard: global element e is local[e - lo] inside [lo, hi), else 0
+                if WRAP:
+                    inside = e < m
+                    row = tl.load(array_ptr + (e - lo), mask=msk & inside & (e >= lo) & (e < hi), other=0.0)
+                    w_e = e - m
+                    wrapped = tl.load(array_ptr + (w_e - lo), mask=msk & (e >= m) & (w_e >= lo) & (w_e < hi),
+                                      other=0.0)
+                    row = tl.where(inside, row, wrapped)
+                else:
+                    row = tl.load(array_ptr + (e - lo), mask=msk & (e >= lo) & (e < hi), other=0.0)
+            elif WRAP:
                 inside = e < m
                 row = tl.load(array_ptr + e, mask=msk & inside, other=0.0)
                 wrapped = tl.load(array_ptr + (e - m), mask=msk & (e >= m), other=0.0)
@@ -109,15 +120,18 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m, k, elem_ok,
-                   HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, OFF32: tl.constexpr, Z: tl.constexpr):
+    def _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m, lo, hi, k, elem_ok,
+                   HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, OFF32: tl.constexpr, Z: tl.constexpr,
+                   RANGED: tl.constexpr):
         s3, live2 = _hash_tile(indices_ptr, start, length, i, p0, p1, m, inv_m, U, OFF32)
         # almost no step has a wrapping block (probability ~ Z/m per block): those that do take
         # the path with a second masked load per element, the others one plain load
         if _any_wraps(s3, live2, m, Z) != 0:
-            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, k, elem_ok, HAS_WEIGHTS, U, True)
+            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok, HAS_WEIGHTS,
+                              U, True, RANGED)
         else:
-            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, k, elem_ok, HAS_WEIGHTS, U, False)
+            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok, HAS_WEIGHTS,
+                              U, False, RANGED)
         return acc
 
     @triton.jit
@@ -184,12 +198,13 @@ if triton is not None:
         wraps = live2[:, :, None] & blk_ok[None, None, :] & (s3 > m - Z)
         tl.store(touched_ptr + first * 0, one, mask=wraps)  # wraps into chunk 0 (rare)
 
-    @triton.jit(do_not_specialize=["m"], do_not_specialize_on_alignment=["row_stride"])
+    @triton.jit(do_not_specialize=["m", "lo", "hi"], do_not_specialize_on_alignment=["row_stride"])
     def pooled_bags_kernel(
         array_ptr, indices_ptr, offsets_ptr, keys_ptr, mean_ptr, weights_ptr, gout_ptr, out_ptr, rank_ptr,
-        B, m, row_stride,
+        B, m, row_stride, lo, hi,
         MODE: tl.constexpr,  # a BagMode
         HAS_WEIGHTS: tl.constexpr,
+        RANGED: tl.constexpr,  # FORWARD only: array_ptr holds global elements [lo, hi) (a row-wise shard)
         DIM: tl.constexpr, Z: tl.constexpr, NB_PAD: tl.constexpr, Z_PAD: tl.constexpr,
         BLOCK_BAGS: tl.constexpr, UNROLL: tl.constexpr, OFF32: tl.constexpr, MARK_LOAD_FIRST: tl.constexpr,
     ):
@@ -237,10 +252,10 @@ if triton is not None:
                 acc = tl.full([BLOCK_BAGS, NB_PAD, Z_PAD], 0.0, tl.float32)
                 for i in range(0, n_main, UNROLL):
                     acc = _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m,
-                                     k, elem_ok, HAS_WEIGHTS, UNROLL, OFF32, Z)
+                                     lo, hi, k, elem_ok, HAS_WEIGHTS, UNROLL, OFF32, Z, RANGED)
                 for i in range(n_main, max_len):
                     acc = _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m,
-                                     k, elem_ok, HAS_WEIGHTS, 1, OFF32, Z)
+                                     lo, hi, k, elem_ok, HAS_WEIGHTS, 1, OFF32, Z, RANGED)
                 tl.store(out_ptr + out_off, acc * scale[:, None, None], mask=tile_ok)
             else:
                 g = tl.load(gout_ptr + out_off, mask=tile_ok, other=0.0) * scale[:, None, None]
@@ -267,7 +282,9 @@ def launch_bags(
     ``kind`` picks the tuning (``forward``, ``mark``, ``scatter``); ``batch`` holds contiguous
     tensors on the device (see ``launch._prepare``); ``array`` is read in FORWARD mode, ``gout``
     (grad_out) in the gradient modes, ``rank`` (inclusive prefix count of the chunk map) in
-    COMPACT_GRAD mode.
+    COMPACT_GRAD mode. In FORWARD mode with ``batch.element_range`` (lo, hi), ``array`` holds only
+    the global elements [lo, hi) and the others count as 0; the gradient modes ignore the range
+    (they work in global chunks: ``launch`` restricts their result to a shard).
     """
     b, f, dim, z, m = batch.batch_size, batch.num_features, batch.dim, batch.block_size, batch.num_elements
     # a tuning hint only: with a window of offsets, indices may also hold other features' ids
@@ -277,12 +294,14 @@ def launch_bags(
     grid = (triton.cdiv(b, block_bags), f)
     dummy = gout if gout is not None else array if array is not None else out
     weights = batch.weights if mode != BagMode.MARK_CHUNKS else None
+    ranged = mode == BagMode.FORWARD and batch.element_range is not None
+    lo, hi = batch.element_range if ranged else (0, m)
     pooled_bags_kernel[grid](
         array if array is not None else dummy, batch.indices, batch.offsets, batch.hash_keys,
         batch.mean.view(torch.int8), weights if weights is not None else dummy,
         gout if gout is not None else dummy, out, rank if rank is not None else batch.offsets,
-        b, m, f * dim,
-        MODE=int(mode), HAS_WEIGHTS=weights is not None,
+        b, m, f * dim, int(lo), int(hi),
+        MODE=int(mode), HAS_WEIGHTS=weights is not None, RANGED=ranged,
         DIM=dim, Z=z, NB_PAD=next_pow2(dim // z), Z_PAD=next_pow2(z),
         BLOCK_BAGS=block_bags, UNROLL=cfg.unroll, OFF32=m + z < 2**31,
         MARK_LOAD_FIRST=mode == BagMode.MARK_CHUNKS and tuning.MARK_LOAD_FIRST,

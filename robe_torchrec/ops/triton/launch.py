@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Optional, Tuple
 
 import torch
 
@@ -84,6 +85,12 @@ def _prepare(device: torch.device, batch: LookupBatch) -> LookupBatch:
         raise ValueError(f"block_size {z} must be >= 1 and divide dim {dim}")
     if not z <= m <= MAX_NUM_ELEMENTS:
         raise ValueError(f"num_elements must be in [block_size={z}, 2**48], got {m}")
+    if batch.element_range is not None:
+        lo, hi = batch.element_range
+        if not 0 <= lo < hi <= m:
+            raise ValueError(f"element_range ({lo}, {hi}) must satisfy 0 <= lo < hi <= num_elements = {m}")
+        if lo % z or (hi % z and hi != m):
+            raise ValueError(f"element_range ({lo}, {hi}) bounds must be multiples of block_size {z} (or hi = num_elements)")
     weights = batch.weights
     if weights is not None:
         check_dtype(weights, "per_sample_weights", torch.float32)
@@ -106,8 +113,40 @@ def _check_array(array: torch.Tensor, batch: LookupBatch, why: str = "") -> None
     check_dtype(array, "array", torch.float32)
     if array.dim() != 1 or not array.is_contiguous():
         raise ValueError(f"array must be a contiguous 1-D tensor{why}")
-    if array.numel() != batch.num_elements:
+    if batch.element_range is not None:
+        lo, hi = batch.element_range
+        if array.numel() != hi - lo:
+            raise ValueError(f"array has {array.numel()} elements, element_range ({lo}, {hi}) holds {hi - lo}")
+    elif array.numel() != batch.num_elements:
         raise ValueError(f"array has {array.numel()} elements, the batch's num_elements is {batch.num_elements}")
+
+
+def _local_chunks(batch: LookupBatch) -> Tuple[int, int]:
+    """[c0, c1): the aligned Z-chunks of the batch's element range (all chunks without one)."""
+    z, m = batch.block_size, batch.num_elements
+    lo, hi = batch.element_range if batch.element_range is not None else (0, m)
+    return lo // z, -(-hi // z)
+
+
+def _shard_compact(gout: torch.Tensor, batch: LookupBatch) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The compact gradient of a row-wise shard's chunks: ``(compact [U, Z], rows, touched)`` for
+    :func:`launch_chunk_update` on the shard (local chunk ids / a slice of the chunk map).
+
+    The whole batch's compact gradient is built in global chunks with the unranged kernels (they
+    never read the array), then cut to the shard's chunks ``[c0, c1)``: the rows of chunks other
+    shards own (blocks straddling a boundary) are dropped. A slice of the map and of its prefix
+    count still addresses the same compact rows, so the sort-free path needs no copy.
+    """
+    whole = replace(batch, element_range=None)
+    c0, c1 = _local_chunks(batch)
+    num_chunks = state_numel(OptimizerKind.ROWWISE_ADAGRAD, batch.num_elements, batch.block_size)
+    deterministic = _deterministic()
+    if not deterministic and use_touched_map(num_chunks, batch.indices.numel() * (batch.dim // batch.block_size)):
+        compact, touched, rank = compact_gradient_touched(gout, whole)
+        return compact, rank[c0:c1], touched[c0:c1]
+    compact, uniq = compact_gradient_records(gout, whole, deterministic=deterministic)
+    mine = (uniq >= c0) & (uniq < c1)
+    return compact[mine].contiguous(), (uniq[mine] - c0).contiguous(), None
 
 
 def _check_grad_out(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
@@ -119,7 +158,8 @@ def _check_grad_out(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
 
 
 def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
-    """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``)."""
+    """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``); with
+    ``batch.element_range``, the partial sums over the shard's elements only."""
     _check_array(array, batch)
     device = array.device
     b = _prepare(device, batch)
@@ -134,11 +174,20 @@ def pooled_backward_dense(grad_out: torch.Tensor, batch: LookupBatch) -> torch.T
     """Kernel API backward (non-fused): the dense gradient ``[m]`` of sum(pooled * grad_out).
 
     Atomic adds into a zero [m] tensor (not bit-reproducible); with DETERMINISTIC, the compact
-    segmented reduction of the fused path, scattered into the zero tensor.
+    segmented reduction of the fused path, scattered into the zero tensor. With
+    ``batch.element_range`` (lo, hi): the ``[hi - lo]`` gradient of the shard, written from the
+    compact gradient of its chunks (no [m] tensor).
     """
     device = grad_out.device
     b = _prepare(device, batch)
     gout = _check_grad_out(grad_out, b)
+    if b.element_range is not None:
+        lo, hi = b.element_range
+        grad = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+        if b.indices.numel() and b.batch_size:
+            compact, rows, touched = _shard_compact(gout, b)
+            launch_chunk_update(grad, grad, compact, rows, UpdateMode.WRITE_DENSE, touched=touched)
+        return grad
     grad = torch.zeros(b.num_elements, dtype=torch.float32, device=device)
     if b.indices.numel() == 0 or b.batch_size == 0:
         return grad
@@ -156,7 +205,9 @@ def pooled_backward_fused(
     """Kernel API fused backward: one optimizer step on ``array`` (and ``optimizer.state``) in place.
 
     Same semantics as ``reference.pooled_backward_fused``; the gradient only ever exists for the
-    touched chunks (compact [U, Z]), never as an [m] or [nnz, D] tensor.
+    touched chunks (compact [U, Z]), never as an [m] or [nnz, D] tensor. With
+    ``batch.element_range`` the array and the state are the shard's (see
+    :class:`~robe_torchrec.ops.api.LookupBatch`); only its chunks are stepped.
     """
     _check_array(array, batch, " (it is updated in place)")
     device = array.device
@@ -165,7 +216,8 @@ def pooled_backward_fused(
     gout = _check_grad_out(grad_out, b)
     kind, state = optimizer.kind, optimizer.state
     if kind is not OptimizerKind.SGD:
-        expected = state_numel(kind, b.num_elements, b.block_size)
+        lo, hi = b.element_range if b.element_range is not None else (0, b.num_elements)
+        expected = state_numel(kind, hi, b.block_size) - state_numel(kind, lo, b.block_size)
         check_dtype(state, "state", torch.float32)
         check_device(state, "state", device)
         if state.shape != (expected,) or not state.is_contiguous():
@@ -176,6 +228,10 @@ def pooled_backward_fused(
         return
     lr, eps = optimizer.hyper()
     mode = UpdateMode.of(kind)
+    if b.element_range is not None:
+        compact, rows, touched = _shard_compact(gout, b)
+        launch_chunk_update(array, state, compact, rows, mode, lr, eps, touched=touched)
+        return
     deterministic = _deterministic()
     num_chunks = state_numel(OptimizerKind.ROWWISE_ADAGRAD, b.num_elements, b.block_size)  # one per chunk
     if not deterministic and use_touched_map(num_chunks, b.indices.numel() * (b.dim // b.block_size)):

@@ -31,7 +31,8 @@ backward with the same rule, lr and eps (hot-row state is the ``hot_state`` buff
 hot rows are a plain ``hot_rows`` parameter with a dense gradient for a torch optimizer (whose state
 for a slot is not reset when the slot changes owner: a known, bounded wart).
 
-Single ROBE group, one embedding dim for all tables. Sharding (DMP) is a follow-up.
+Single ROBE group, one embedding dim for all tables. Sharding (DMP): data_parallel and table_wise
+with ``FrequencyAwareRobeEmbeddingBagCollectionSharder`` (``robe_torchrec.sharding.frequency_aware``).
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             self.register_buffer("hot_ids", torch.full((total,), _NO_ID, dtype=torch.int64, device=dev))
             self.register_buffer("hot_slots", torch.zeros(total, dtype=torch.int32, device=dev))
             self.register_buffer("hot_size", torch.zeros(len(self._hot_tables), dtype=torch.int64, device=dev))
-            self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
-            self.register_buffer("lookups", torch.zeros((), dtype=torch.float64, device=dev))
+            # [1], not 0-dim: a table_wise sharding saves every tensor as a ShardedTensor (no 0-dim)
+            self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=dev))
+            self.register_buffer("lookups", torch.zeros(1, dtype=torch.float64, device=dev))
             kind = fused_optimizer.optimizer if fused_optimizer is not None else "sgd"
             self.register_buffer(
                 "hot_state", torch.zeros(state_numel(kind, total * self._dim, self._dim), device=dev)
@@ -223,7 +225,14 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
     # ----- forward ----------------------------------------------------------------------------------
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pool every configured feature; hot ids from their rows, the rest from ROBE."""
+        """Pool every configured feature; hot ids from their rows, the rest from ROBE. In training
+        mode the batch's ids are counted first (and every ``refresh_every`` forwards the hot set
+        is refreshed)."""
+        return self.pool(features, observe=self.training)
+
+    def pool(self, features: KeyedJaggedTensor, observe: bool = False) -> KeyedTensor:
+        """:meth:`forward` with the counting made explicit: a data-parallel sharding counts the
+        global batch's ids itself (:meth:`observe_ids`) and pools only its local batch here."""
         if not self._total_slots:
             return self.robe(features)
         features = self.robe._validated(features)
@@ -233,7 +242,7 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         offsets = _offsets_of(features)
         num_features = len(self._table_of_feature)
         bounds = offsets[:: batch].tolist() if batch else [0] * (num_features + 1)
-        if self.training:
+        if observe:
             self._observe(ids, bounds)
         slots, hot = self._lookup_slots(ids, bounds)
         weights = features.weights_or_none() if self.robe.is_weighted() else None
@@ -320,6 +329,21 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         return slots, hot
 
     # ----- online hot set ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def observe_ids(self, per_feature: List[torch.Tensor]) -> None:
+        """Count one training step's ids, given per input feature (in input order): exactly what
+        a training forward counts, for a caller that pools elsewhere (no-op without hot slots)."""
+        if not self._total_slots:
+            return
+        if len(per_feature) != len(self._table_of_feature):
+            raise ValueError(f"observe_ids: {len(per_feature)} id tensors for {len(self._table_of_feature)} features")
+        sizes = [int(t.numel()) for t in per_feature]
+        bounds = [0]
+        for n in sizes:
+            bounds.append(bounds[-1] + n)
+        ids = torch.cat([t.reshape(-1).to(torch.int64) for t in per_feature]) if per_feature else torch.zeros(0, dtype=torch.int64)
+        self._observe(ids, bounds)
 
     @torch.no_grad()
     def _observe(self, ids: torch.Tensor, bounds: List[int]) -> None:
@@ -429,6 +453,10 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         pass  # checked in _check_layout_before_load, before any tensor is copied
 
     def _check_layout_before_load(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for key in ("step", "lookups"):  # saved 0-dim before they became [1]
+            value = state_dict.get(prefix + key)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                state_dict[prefix + key] = value.reshape(1)
         saved = state_dict.get(prefix + _EXTRA_STATE_KEY)
         if saved is None:
             return

@@ -191,19 +191,20 @@ def _table(stype: str, per_rank: List[Dict[str, Any]], args: argparse.Namespace)
              f"(2 arrays), P={p:.3f} (measured)"
              + (f", k measured {k_meas:.4f} vs formula {k_formula:.4f}" if k_meas is not None else ""),
              "| traffic | calls/step | raw bytes/rank | sent bytes per rank (" + ", ".join(f"r{i}" for i in range(w))
-             + ") | sent mean | recv mean | formula (sent) | mean / formula |",
+             + ") | sent mean | recv bytes per rank | formula (sent mean) | mean / formula |",
              "|---|---|---|---|---|---|---|---|"]
     tot_sent, tot_want = 0.0, 0.0
     for c in cats + [c for c in want if c not in cats]:
         sent, recv = col(c, 2), col(c, 3)
-        ms, mr = statistics.mean(sent), statistics.mean(recv)
+        ms = statistics.mean(sent)
         tot_sent += ms
         fw = want.get(c)
         tot_want += fw or 0.0
         ratio = f"{ms / fw:.4f}" if fw else "-"
         lines.append(f"| {c} | {statistics.mean(col(c, 0)):.0f} | {statistics.mean(col(c, 1)):.0f} | "
                      + ", ".join(f"{s:.0f}" for s in sent)
-                     + f" | {ms:.0f} | {mr:.0f} | {'-' if fw is None else f'{fw:.0f}'} | {ratio} |")
+                     + f" | {ms:.0f} | " + ", ".join(f"{x:.0f}" for x in recv)
+                     + f" | {'-' if fw is None else f'{fw:.0f}'} | {ratio} |")
     if k_meas is not None:
         fk = formulas(stype, w, b, p, args.features, args.dim, args.block, m, k=k_meas)["ids (KJT values, int64)"]
         ids = statistics.mean(col("ids (KJT values, int64)", 2))

@@ -91,16 +91,21 @@ def all_to_all_single_bytes(
     return sent, recv
 
 
-def _torchrec_label(frame: Any, max_depth: int = 4) -> str:
-    """torchrec's KJT tensor label of the caller ``frame`` (``values``, ...), ``splits`` or ''."""
+def _torchrec_label(frame: Any, max_depth: int = 3) -> str:
+    """torchrec's KJT tensor label of the caller ``frame`` (``values``, ...), ``splits`` or ''.
+
+    Only frames of torchrec.distributed count (its ``KJTAllToAllTensorsAwaitable`` loops over
+    ``label``; its splits all-to-all runs in ``KJTAllToAllSplitsAwaitable``)."""
     for _ in range(max_depth):
         if frame is None:
             break
-        label = frame.f_locals.get("label")
-        if isinstance(label, str):
-            return label
-        if "SplitsAwaitable" in getattr(frame.f_code, "co_qualname", ""):
-            return "splits"
+        code = frame.f_code
+        if "torchrec" in code.co_filename and "distributed" in code.co_filename:
+            label = frame.f_locals.get("label")
+            if isinstance(label, str):
+                return label
+            if "SplitsAwaitable" in getattr(code, "co_qualname", ""):
+                return "splits"
         frame = frame.f_back
     return ""
 

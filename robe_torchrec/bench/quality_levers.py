@@ -1,7 +1,7 @@
 """Levers for ROBE's accuracy at a fixed budget: the array's lr, init range and optimizer.
 
 ``python -m robe_torchrec.bench.quality_levers [quality flags] --variants NAME=FLAGS;...`` generates
-the same data as ``robe_torchrec.bench.quality`` (same flags, same seeds) once, then trains ROBE
+the same data as ``robe_torchrec.bench.quality`` (same flags, same seeds, ``--dataset`` too) once, then trains ROBE
 (``--robe-ratios``, ``--block-sizes``, ``--seeds``) once per variant, each variant's flags applied on
 top of the common ones, e.g.::
 
@@ -22,11 +22,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-import numpy as np
-from torchmetrics.functional.classification import binary_auroc
-
 from robe_torchrec.bench import quality as q
-from robe_torchrec.data.synthetic import SyntheticCriteoConfig, SyntheticCriteoGenerator, make_tables
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
@@ -39,19 +35,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         return []
     ours, rest = p.parse_known_args(argv)
     if "--tag" not in rest:  # never overwrite the main benchmark's quality_results.json
-        rest += ["--tag", "quality_levers"]
+        rest += ["--tag", "quality_levers" if "movielens100k" not in rest else "quality_levers_movielens100k"]
     variants = [v.split("=", 1) for v in ours.variants.split(";") if v.strip()]
     base = q.parse_args(rest + ["--methods", "robe"])
-    cards = q.cardinalities(base)
-    config = SyntheticCriteoConfig(cardinalities=cards, seed=base.data_seed)
-    gen = SyntheticCriteoGenerator(config)
-    tables = make_tables(config, base.dim)
-    rng = np.random.default_rng([base.data_seed, 0x9E])
-    perms = [rng.permutation(c) for c in cards]
-    train = q.generate(gen, perms, 0, base.samples, base.batch_size)
-    test = q.generate(gen, perms, q.EVAL_FIRST_BATCH, base.eval_samples, 8192)
-    teacher_auc = binary_auroc(test.teacher.double(), test.labels.long()).item()
-    print(f"teacher AUC {teacher_auc:.4f}", flush=True)
+    splits = q.planted_splits if base.dataset == "planted" else q.movielens_splits
+    train, test, tables, keys, data_meta = splits(base)
+    teacher_auc = data_meta["teacher_auc"]
+    if teacher_auc is not None:
+        print(f"teacher AUC {teacher_auc:.4f}", flush=True)
     os.makedirs(base.out, exist_ok=True)
     path = os.path.join(base.out, f"{base.tag}_results.json")
     rows: List[dict] = []
@@ -59,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         args = q.parse_args(rest + ["--methods", "robe"] + shlex.split(flags))
         for spec in q.run_specs(args):
             t0 = time.perf_counter()
-            r = q.run_one(spec, tables, train, test, gen.keys, args)
+            r = q.run_one(spec, tables, train, test, keys, args)
             r.update(variant=name, flags=flags, teacher_auc=teacher_auc)
             rows.append(r)
             with open(path, "w") as f:

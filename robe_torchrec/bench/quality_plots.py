@@ -38,7 +38,7 @@ def plot_all(results_json: str, prefix: str) -> List[str]:
     meta, runs, summary = data["meta"], data["runs"], data["summary"]
     methods = sorted({s["method"] for s in summary})
     styles = _styles(methods)
-    teacher = meta["teacher_auc"]
+    teacher = meta.get("teacher_auc")  # None: real data, no known ceiling
     full = [s for s in summary if s["family"] == "full"]
     paths = []
 
@@ -55,7 +55,8 @@ def plot_all(results_json: str, prefix: str) -> List[str]:
         ax.errorbar([full[0]["memory_bytes"]], [full[0]["auc_mean"]], yerr=[full[0]["auc_std"]],
                     color="black", marker="*", markersize=12, capsize=3, linestyle="none", label="full tables")
         ax.axhline(full[0]["auc_mean"], color="black", lw=0.8, ls=":")
-    ax.axhline(teacher, color="black", lw=1.0, ls="--", label=f"teacher (ceiling) {teacher:.4f}")
+    if teacher is not None:
+        ax.axhline(teacher, color="black", lw=1.0, ls="--", label=f"teacher (ceiling) {teacher:.4f}")
     ax.set_xscale("log")
     ax.set_xlabel("embedding memory (bytes, log scale)")
     ax.set_ylabel("test AUC")
@@ -81,7 +82,8 @@ def plot_all(results_json: str, prefix: str) -> List[str]:
         ys = [statistics.fmean(r["curve"][i][1] for r in rs if len(r["curve"]) > i) for i in range(len(xs))]
         color, marker = ("black", "*") if m == "full" else styles[m]
         ax.plot(xs, ys, color=color, marker=marker, label="full tables" if m == "full" else m)
-    ax.axhline(teacher, color="black", lw=1.0, ls="--", label="teacher (ceiling)")
+    if teacher is not None:
+        ax.axhline(teacher, color="black", lw=1.0, ls="--", label="teacher (ceiling)")
     ax.set_xscale("log")
     ax.set_xlabel("training samples (log scale)")
     ax.set_ylabel(f"AUC on {meta['command_args']['curve_eval_samples']:,} test samples")

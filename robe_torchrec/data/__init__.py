@@ -1,5 +1,7 @@
 """Data for training, tests, benchmarks and the quickstart: a deterministic synthetic Criteo-shaped
-stream, and readers of the real Criteo data (TSV files and torchrec's preprocessed binary format)."""
+stream, and readers of the real Criteo data (TSV files and torchrec's preprocessed binary format).
+MovieLens-100k (``robe_torchrec.data.movielens``, the quality benchmark's real data) is imported
+from its own module only: it is a benchmark dataset, not a training input."""
 
 from robe_torchrec.data.criteo import (
     CRITEO_FEATURE_NAMES,

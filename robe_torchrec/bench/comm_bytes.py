@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from robe_torchrec.bench.comm_count import CommCounter, count_ddp_allreduce, wire_bytes
+from robe_torchrec.bench.ports import free_port
 
 TYPES = ("data_parallel", "table_wise", "row_wise")
 GROUPS = ("g0", "g1")
@@ -238,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, Any]]
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, out)) for r in range(args.world_size)]
     for proc in procs:
         proc.start()
@@ -252,14 +253,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, Any]]
     for t, per_rank in by_type.items():
         print("\n".join(_table(t, per_rank, args)))
     return by_type
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from robe_torchrec.bench.ports import free_port
+
 TYPES = ("data_parallel", "table_wise", "row_wise")
 
 
@@ -138,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, out)) for r in range(args.world_size)]
     for proc in procs:
         proc.start()
@@ -155,14 +157,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else v  # noqa: E731
         print(f"| {r['type']} | {r['kernel']} | {fmt(plain)} | {fmt(pipe)} | {ratio} |")
     return rows
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

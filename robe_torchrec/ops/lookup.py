@@ -187,27 +187,38 @@ class _RobeLookupRuns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, array, runs: List[LookupBatch], kernel: str, optimizer: Optional[OptimizerArgs]):  # type: ignore[override]
-        backend = _backend(kernel)
-        outs = [backend.pooled_forward(array.detach(), run) for run in runs]
         ctx.meta = (array, runs, kernel, optimizer)
-        return torch.cat(outs, dim=1)
+        return runs_forward(_backend(kernel), array, runs)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         array, runs, kernel, optimizer = ctx.meta
-        backend = _backend(kernel)
-        grad = None
-        col = 0
-        for run in runs:
-            width = run.num_features * run.dim
-            g = backend.pooled_backward_dense(grad_out[:, col : col + width].contiguous(), run)
-            grad = g if grad is None else grad + g
-            col += width
+        grad = runs_dense_grad(_backend(kernel), grad_out, runs)
         if optimizer is None:
             return grad, None, None, None
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(array.data, optimizer.state, grad, optimizer.kind, lr, eps, runs[0].block_size)
         return None, None, None, None
+
+
+def runs_forward(backend: ModuleType, array: torch.Tensor, runs: List[LookupBatch]) -> torch.Tensor:
+    """The kernel forward of each dim run of one array, concatenated along columns."""
+    outs = [backend.pooled_forward(array.detach(), run) for run in runs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def runs_dense_grad(backend: ModuleType, grad_out: torch.Tensor, runs: List[LookupBatch]) -> torch.Tensor:
+    """The array's dense gradient: the sum of every dim run's kernel backward (each run reads its
+    columns of ``grad_out``)."""
+    grad = None
+    col = 0
+    for run in runs:
+        width = run.num_features * run.dim
+        g = backend.pooled_backward_dense(grad_out[:, col : col + width].contiguous(), run)
+        grad = g if grad is None else grad + g
+        col += width
+    assert grad is not None
+    return grad
 
 
 class _ReferenceFused(torch.autograd.Function):

@@ -21,7 +21,15 @@ import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
-from robe_torchrec.ops.lookup import FusedArg, _backend, _dim_runs, _optimizer_args, resolve_kernel
+from robe_torchrec.ops.lookup import (
+    FusedArg,
+    _backend,
+    _dim_runs,
+    _optimizer_args,
+    resolve_kernel,
+    runs_dense_grad,
+    runs_forward,
+)
 from robe_torchrec.ops.reference import apply_optimizer_dense
 
 SHARD_KERNELS = ("cpu", "triton")
@@ -83,10 +91,8 @@ class _ShardLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, local: torch.Tensor, runs: List[LookupBatch], kernel: str, optimizer: Optional[OptimizerArgs]):  # type: ignore[override]
-        backend = _backend(kernel)
-        outs = [backend.pooled_forward(local.detach(), run) for run in runs]
         ctx.meta = (local, runs, kernel, optimizer)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return runs_forward(_backend(kernel), local, runs)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
@@ -96,13 +102,7 @@ class _ShardLookup(torch.autograd.Function):
         if optimizer is not None and len(runs) == 1:
             backend.pooled_backward_fused(grad_out, local.data, runs[0], optimizer)
             return None, None, None, None
-        grad = None
-        col = 0
-        for run in runs:
-            width = run.num_features * run.dim
-            g = backend.pooled_backward_dense(grad_out[:, col : col + width].contiguous(), run)
-            grad = g if grad is None else grad + g
-            col += width
+        grad = runs_dense_grad(backend, grad_out, runs)
         if optimizer is None:
             return grad, None, None, None
         lr, eps = optimizer.hyper()

@@ -138,12 +138,15 @@ class RobeFusedOptimizer(RobeFusedOptimizerBase):
     def rebind(self, params: Mapping[str, torch.nn.Parameter], move: Optional[Any] = None) -> None:
         """Point at new parameter objects (after ``module.to_empty`` / ``_apply``), keeping state.
 
-        ``move`` maps an old state tensor to its new device/dtype (the module's ``_apply`` fn).
+        ``move`` maps an old state tensor to its new device (the module's ``_apply`` fn); the state
+        stays float32 whatever dtype ``move`` gives the arrays (``module.to(torch.bfloat16)``).
         """
         old = {key: self.state[p][STATE_NAME] for key, p in self.params.items()}
         new_state: Dict[Any, Any] = {}
         for key, param in params.items():
             tensor = old[key] if move is None else move(old[key])
+            if tensor.dtype != torch.float32:  # moved from the old tensor, not through the cast
+                tensor = old[key].to(device=tensor.device, dtype=torch.float32)
             if tensor.device != param.device:
                 # state that was never materialised (meta) starts at zero
                 tensor = torch.zeros_like(tensor, device=param.device) if tensor.is_meta else tensor.to(param.device)

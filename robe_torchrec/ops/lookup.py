@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_ch
 
 import torch
 
-from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, mean_flags
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, check_array_dtype, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.library import fused_lookup
 from robe_torchrec.ops.reference import (
@@ -128,9 +128,12 @@ def robe_pooled_lookup(
     With ``fused_optimizer`` (an :class:`~robe_torchrec.ops.api.OptimizerArgs` for this array, or
     an object whose ``kernel_args(array)`` returns one, such as the module's RobeFusedOptimizer),
     backward updates the array in place and leaves no gradient; otherwise backward gives the array
-    a dense gradient. Per-sample weights are treated as constants by the fast kernels (no gradient
+    a dense gradient. The array is float32, bfloat16 or float16 (``TypeError`` otherwise): the
+    output is float32 (float32 accumulation), a dense gradient has the array's dtype (the float32
+    gradient rounded once), a fused step keeps float32 state. Per-sample weights are treated as constants by the fast kernels (no gradient
     flows to them); the reference path differentiates them.
     """
+    check_array_dtype(array, "robe_pooled_lookup")  # every kernel: float32, bfloat16 or float16
     name = resolve_kernel(kernel, array.device)
     optimizer = _optimizer_args(fused_optimizer, array)
     if name == "reference" and (optimizer is None or len(set(layout.dims)) > 1):

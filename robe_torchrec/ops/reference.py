@@ -79,7 +79,8 @@ def robe_pooled_lookup_reference(
             ids, bags, feats = indices[sel], row_of_lookup[sel], feature_of_lookup[sel]
         keys = hash_keys[feats]
         starts = block_offsets(ids, keys[:, 0], keys[:, 1], dim // block, m)
-        rows = array[element_indices(starts, block, m)].to(acc)  # [n, dim]
+        # upcast before the gather: autograd then sums the gradient in float32 and rounds it once
+        rows = array.to(acc)[element_indices(starts, block, m)]  # [n, dim]
         if per_sample_weights is not None:
             w = per_sample_weights if sel is None else per_sample_weights[sel]
             rows = rows * w.to(rows.dtype).unsqueeze(1)

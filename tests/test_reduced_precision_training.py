@@ -405,3 +405,39 @@ def test_bf16_training_learns_and_tracks_float32(ext, kernel):
     assert abs(last16 - last32) < 0.01, (last16, last32)
     assert max(abs(a - b) for a, b in zip(f32, bf16)) < 0.01
     assert f32 != bf16  # the bf16 run did round (it is not secretly float32)
+
+
+# --------------------------------------------------------------------------- stochastic rounding in the module
+
+
+def _sr_run(stochastic: bool, seed: int = 0, lr: float = 0.1, steps: int = 5):
+    fused = RobeFusedOptimizerConfig("sgd", lr=lr, stochastic_rounding=stochastic, rounding_seed=seed)
+    torch.manual_seed(0)  # the same init every time
+    module = _module("cpu", fused=fused, data_type=DataType.BF16)
+    rng = random.Random(9)
+    for _ in range(steps):
+        module(_kjt(rng, 16)).values().float().sum().backward()
+    return module.arrays["default"].detach().clone()
+
+
+def test_module_stochastic_rounding_is_reproducible_and_moves_small_updates(ext):
+    a, b = _sr_run(True), _sr_run(True)
+    assert torch.equal(a, b)  # same config, data and call order: the same bits
+    assert not torch.equal(a, _sr_run(True, seed=1))
+    torch.manual_seed(0)
+    start = _module("cpu", data_type=DataType.BF16).arrays["default"].detach()  # the same seeded init
+    # lr 1e-6: a step moves an element by lr * (its reads in the batch, a few) ~ 1e-5, below half
+    # a bf16 step (3e-5) of every value with |x| >= 0.01 (near 0 the bf16 grid is finer)
+    nearest, sr = _sr_run(False, lr=1e-6), _sr_run(True, lr=1e-6)
+    big = start.float().abs() >= 0.01
+    assert torch.equal(nearest[big], start[big])  # round-to-nearest loses them all
+    assert int((sr[big] != start[big]).sum()) > 10  # stochastic rounding keeps some, unbiased in expectation
+
+
+def test_stochastic_rounding_is_refused_where_it_is_not_implemented(ext):
+    fused = RobeFusedOptimizerConfig("sgd", lr=0.1, stochastic_rounding=True)
+    module = _module("reference", fused=fused, data_type=DataType.BF16)
+    with pytest.raises(NotImplementedError, match="stochastic rounding"):
+        module(_kjt(random.Random(1), 4)).values().float().sum().backward()
+    with pytest.raises(ValueError, match="rounding_seed"):
+        RobeFusedOptimizerConfig("sgd", rounding_seed=-1)

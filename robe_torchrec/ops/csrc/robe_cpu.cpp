@@ -7,6 +7,11 @@
 // Sizes: m (the array length) goes up to 2**48 and nnz * D can exceed 2**31, so every element
 // position, record number and output offset is int64. Only the hash itself is 32-bit (by spec).
 //
+// Array dtypes: float32, bfloat16, float16 (check_train_array). Reduced arrays are read as float32
+// (the serving readers below) and summed in float32 in the same order; the dense gradient is
+// float32; the fused step computes in float32 and rounds on store (ArrayIO: to nearest even, or
+// stochastically with a seed). grad_out, weights and optimizer state are always float32.
+//
 // Threading: plain OpenMP with num_threads(at::get_num_threads()), so torch.set_num_threads and
 // OMP_NUM_THREADS apply. torch's wheel ships libgomp.so.1 under the same soname, so the process
 // has one OpenMP runtime. Every result is independent of the number of threads (see backward).

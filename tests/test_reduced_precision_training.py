@@ -441,3 +441,56 @@ def test_stochastic_rounding_is_refused_where_it_is_not_implemented(ext):
         module(_kjt(random.Random(1), 4)).values().float().sum().backward()
     with pytest.raises(ValueError, match="rounding_seed"):
         RobeFusedOptimizerConfig("sgd", rounding_seed=-1)
+
+
+# --------------------------------------------------------------------------- torch.compile / opcheck
+
+
+def _op_case(dtype, kernel):
+    c = _case("weighted_mean", dtype)
+    b = c.batch()
+    return c, (c.array, b.indices, b.offsets, b.hash_keys, b.mean, b.weights, b.batch_size, b.dim, b.block_size, b.num_elements, kernel)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_ids)
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_opcheck_on_reduced_arrays(ext, kernel, dtype):
+    c, args = _op_case(dtype, kernel)
+    leaf = c.array.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.robe.pooled_forward.default, (leaf, *args[1:]))
+    state = _state(c, "rowwise_adagrad")
+    for seed in ([-1, 5] if kernel == "cpu" else [-1]):
+        torch.library.opcheck(
+            torch.ops.robe.pooled_backward_fused.default,
+            (c.grad_out(1), c.array.clone(), state.clone(), *args[1:-1], "rowwise_adagrad", 0.1, 1e-8, kernel, seed),
+        )
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_compiled_bf16_fused_training_equals_eager(ext, kernel):
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        module = _module(kernel, fused=RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.05), data_type=DataType.BF16)
+        step = torch.compile(module, fullgraph=True, backend="aot_eager") if compiled else module
+        rng = random.Random(5)
+        for _ in range(3):
+            out = step(_kjt(rng, 8)).values()
+            assert out.dtype == torch.bfloat16
+            (out.float() ** 2).sum().backward()
+        return module.arrays["default"].detach(), module.fused_optimizer.state_of(module.arrays["default"])
+
+    torch._dynamo.reset()
+    (a_eager, s_eager), (a_comp, s_comp) = run(False), run(True)
+    torch._dynamo.reset()
+    assert a_comp.dtype == torch.bfloat16 and s_comp.dtype == torch.float32
+    assert torch.equal(a_comp, a_eager) and torch.equal(s_comp, s_eager)
+
+
+def test_compiled_stochastic_rounding_is_refused(ext):
+    fused = RobeFusedOptimizerConfig("sgd", lr=0.1, stochastic_rounding=True)
+    module = _module("cpu", fused=fused, data_type=DataType.BF16)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="stochastic rounding of ROBE arrays runs eagerly only"):
+        compiled(_kjt(random.Random(0), 4))
+    torch._dynamo.reset()

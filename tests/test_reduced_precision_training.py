@@ -494,3 +494,20 @@ def test_compiled_stochastic_rounding_is_refused(ext):
     with pytest.raises(Exception, match="stochastic rounding of ROBE arrays runs eagerly only"):
         compiled(_kjt(random.Random(0), 4))
     torch._dynamo.reset()
+
+
+def test_a_bf16_trained_module_quantizes_for_serving(ext):
+    from robe_torchrec.modules.quant_robe_embedding_bag_collection import QuantRobeEmbeddingBagCollection
+
+    module = _module("cpu", fused=RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.05), data_type=DataType.BF16)
+    rng = random.Random(6)
+    module(_kjt(rng, 8)).values().float().sum().backward()
+    kjt = _kjt(rng, 8)
+    with torch.no_grad():
+        train_out = module(kjt).values()
+        served = QuantRobeEmbeddingBagCollection.from_float(module, storage="bfloat16")(kjt).values()
+        int8 = QuantRobeEmbeddingBagCollection.from_float(module, storage="int8")(kjt).values()
+    assert served.dtype == torch.float32
+    # the same stored values, the same reader and summation order: the training output, unrounded
+    assert torch.equal(served.to(torch.bfloat16), train_out)
+    torch.testing.assert_close(int8, served, rtol=0, atol=0.05 * float(served.abs().max()))

@@ -86,12 +86,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
     The array is ``arrays.<group>`` in the state dict.
 
     Precision: a group's array has its tables' ``EmbeddingBagConfig.data_type`` (FP32, BF16 or
-    FP16, mapped as torchrec's ``data_type_to_dtype``; all tables of a group must agree), or
-    whatever ``module.to(dtype)`` makes it. Kernels read bf16 / fp16 arrays as float32 and pool in
-    float32; the pooled output is then returned in the array's dtype, as torchrec's
-    EmbeddingBagCollection returns its tables' dtype. Gradients and fused optimizer state are
-    computed in float32 (the state stays float32 across ``.to(dtype)``); a fused step rounds the
-    array's new values to nearest even (see ``docs/kernels.md``).
+    FP16, mapped as torchrec's ``data_type_to_dtype``; all tables of a group must agree; torchrec's
+    unsharded EBC itself stores every non-FP32 table as float16), or whatever ``module.to(dtype)``
+    makes it. Kernels read bf16 / fp16 arrays as float32 and pool in float32; the pooled output is
+    then returned in the array's dtype, as torchrec's EmbeddingBagCollection returns its tables'
+    dtype. Gradients and fused optimizer state are computed in float32 (the state stays float32
+    across ``.to(dtype)``); a fused step rounds the array's new values to nearest even, or
+    stochastically with ``RobeFusedOptimizerConfig(stochastic_rounding=True)`` (see
+    ``docs/kernels.md``).
     """
 
     def __init__(

@@ -215,7 +215,7 @@ def pooled_backward_fused(
     """One ``kind`` optimizer step on ``array`` and ``state`` in place (kernel API fused backward).
 
     ``rounding_seed``: -1 rounds a bfloat16 / float16 array's new values to nearest even, >= 0
-    rounds them stochastically (``OptimizerArgs.rounding_seed``; the fast kernels only)."""
+    rounds them stochastically (``OptimizerArgs.rounding_seed``; the cpu kernel only)."""
     batch = _batch(indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements)
     seed = None if rounding_seed < 0 else rounding_seed
     optimizer = OptimizerArgs(kind=OptimizerKind.parse(kind), state=state, lr=lr, eps=eps, rounding_seed=seed)
@@ -224,7 +224,7 @@ def pooled_backward_fused(
         if kernel == "reference":  # the reference's fused step builds its gradient by autograd
             check_array_dtype(array, "reference kernel")
             if seed is not None and array.dtype != torch.float32:
-                raise NotImplementedError("stochastic rounding (rounding_seed) needs the cpu or triton kernel")
+                raise NotImplementedError("stochastic rounding (rounding_seed) of a bf16 / fp16 array needs the cpu kernel")
             backend.apply_optimizer_dense(array, state, _reference_dense_grad(grad_out, batch), kind, lr, eps, block_size)
         else:
             backend.pooled_backward_fused(grad_out.contiguous(), array, batch, optimizer)

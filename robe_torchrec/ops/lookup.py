@@ -130,8 +130,8 @@ def robe_pooled_lookup(
     backward updates the array in place and leaves no gradient; otherwise backward gives the array
     a dense gradient. The array is float32, bfloat16 or float16 (``TypeError`` otherwise): the
     output is float32 (float32 accumulation), a dense gradient has the array's dtype (the float32
-    gradient rounded once), a fused step keeps float32 state. Per-sample weights are treated as constants by the fast kernels (no gradient
-    flows to them); the reference path differentiates them.
+    gradient rounded once), a fused step keeps float32 state. Per-sample weights are treated as
+    constants by the fast kernels (no gradient flows to them); the reference path differentiates them.
     """
     check_array_dtype(array, "robe_pooled_lookup")  # every kernel: float32, bfloat16 or float16
     name = resolve_kernel(kernel, array.device)

@@ -511,3 +511,11 @@ def test_a_bf16_trained_module_quantizes_for_serving(ext):
     # the same stored values, the same reader and summation order: the training output, unrounded
     assert torch.equal(served.to(torch.bfloat16), train_out)
     torch.testing.assert_close(int8, served, rtol=0, atol=0.05 * float(served.abs().max()))
+
+
+def test_sharding_a_bf16_module_is_refused_clearly():
+    from robe_torchrec.sharding.sharder import RobeEmbeddingBagCollectionSharder
+
+    module = _module("reference", data_type=DataType.BF16)
+    with pytest.raises(NotImplementedError, match="sharding bf16 / fp16 ROBE arrays is not supported yet"):
+        RobeEmbeddingBagCollectionSharder().shard(module, params=None, env=None)  # type: ignore[arg-type]

@@ -15,6 +15,12 @@ Update rules (per step, gradient g summed over the batch first; chunk j = array 
 - ``rowwise_adagrad``: S[j] += mean over chunk j of g^2;  M[e] -= lr * g[e] / (sqrt(S[e // Z]) + eps)
   (one state value per aligned Z-element chunk: FBGEMM's row-wise Adagrad with the array viewed
   as a [m/Z, Z] table; Z times less state than exact Adagrad)
+
+bfloat16 / float16 arrays: the state stays float32, the update is computed in float32 from the
+element's upcast value and rounded back to nearest even, or, with
+``RobeFusedOptimizerConfig(stochastic_rounding=True)`` (FBGEMM TBE's ``stochastic_rounding``),
+stochastically: every backward draws a new seed from ``(rounding_seed, step)`` (see
+:meth:`RobeFusedOptimizerBase.kernel_args`), so runs are reproducible from the start of training.
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ class RobeFusedOptimizerConfig:
     optimizer: str = "adagrad"
     lr: float = 0.01
     eps: float = 1e-8
+    #: bf16 / fp16 arrays: round each new value stochastically instead of to nearest even (small
+    #: updates then survive in expectation). The C++ kernel only, in eager mode; float32 arrays
+    #: ignore it.
+    stochastic_rounding: bool = False
+    #: base seed of the rounding's random bits (with the step number; see ``kernel_args``).
+    rounding_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in FUSED_OPTIMIZERS:
@@ -58,6 +70,8 @@ class RobeFusedOptimizerConfig:
             raise ValueError(f"fused optimizer lr must be >= 0, got {self.lr}")
         if not self.eps > 0:
             raise ValueError(f"fused optimizer eps must be > 0, got {self.eps}")
+        if isinstance(self.rounding_seed, bool) or not isinstance(self.rounding_seed, int) or self.rounding_seed < 0:
+            raise ValueError(f"rounding_seed must be an int >= 0, got {self.rounding_seed!r}")
 
 
 class RobeFusedOptimizerBase(FusedOptimizer):
@@ -89,8 +103,26 @@ class RobeFusedOptimizerBase(FusedOptimizer):
     def kernel_args(self, param: torch.Tensor) -> OptimizerArgs:
         """What the lookup kernels need to step ``param`` in backward, as plain data: the kind,
         the (local) state, and readers of lr / eps that look at ``param_groups`` when the backward
-        runs (so LR schedulers are honoured). Built once per forward."""
-        return OptimizerArgs(kind=self.config.optimizer, state=self.state_of(param), lr=self._read_lr, eps=self._read_eps)
+        runs (so LR schedulers are honoured). Built once per forward.
+
+        With ``config.stochastic_rounding`` and a bf16 / fp16 ``param``, each call draws the next
+        rounding seed, ``splitmix64(rounding_seed, n)`` with n counting this optimizer's calls: the
+        same model, data and call order give the same bits. The count is not checkpointed (a
+        resumed run rounds with other, equally unbiased bits). Under torch.compile it would be a
+        graph constant, so that raises."""
+        seed = None
+        if getattr(self.config, "stochastic_rounding", False) and param.dtype != torch.float32:
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                raise NotImplementedError(
+                    "stochastic rounding of ROBE arrays runs eagerly only (its per-step seed would be a "
+                    "graph constant); compile with stochastic_rounding=False (round to nearest even)"
+                )
+            step = getattr(self, "_rounding_calls", 0)
+            self._rounding_calls = step + 1
+            seed = _splitmix64(self.config.rounding_seed * 0x9E3779B97F4A7C15 + step) >> 1  # 63 bits
+        return OptimizerArgs(
+            kind=self.config.optimizer, state=self.state_of(param), lr=self._read_lr, eps=self._read_eps, rounding_seed=seed
+        )
 
     def _read_lr(self) -> float:
         return self.lr
@@ -138,12 +170,15 @@ class RobeFusedOptimizer(RobeFusedOptimizerBase):
     def rebind(self, params: Mapping[str, torch.nn.Parameter], move: Optional[Any] = None) -> None:
         """Point at new parameter objects (after ``module.to_empty`` / ``_apply``), keeping state.
 
-        ``move`` maps an old state tensor to its new device/dtype (the module's ``_apply`` fn).
+        ``move`` maps an old state tensor to its new device (the module's ``_apply`` fn); the state
+        stays float32 whatever dtype ``move`` gives the arrays (``module.to(torch.bfloat16)``).
         """
         old = {key: self.state[p][STATE_NAME] for key, p in self.params.items()}
         new_state: Dict[Any, Any] = {}
         for key, param in params.items():
             tensor = old[key] if move is None else move(old[key])
+            if tensor.dtype != torch.float32:  # moved from the old tensor, not through the cast
+                tensor = old[key].to(device=tensor.device, dtype=torch.float32)
             if tensor.device != param.device:
                 # state that was never materialised (meta) starts at zero
                 tensor = torch.zeros_like(tensor, device=param.device) if tensor.is_meta else tensor.to(param.device)
@@ -164,6 +199,14 @@ class RobeFusedOptimizer(RobeFusedOptimizerBase):
         for key, param in self.params.items():
             n = state_numel(self.config.optimizer, param.numel(), self._block_sizes[key])
             self.state[param][STATE_NAME] = torch.zeros(n, dtype=torch.float32, device=param.device)
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function: a well-mixed 64-bit value of x (the per-step rounding seed)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def mark_in_backward(params: Any, optimizer: FusedOptimizer) -> None:

@@ -23,3 +23,22 @@ def test_lookup_bench_rejects_unknown_step(capsys):
     with pytest.raises(SystemExit):
         run(["--quick", "--steps", "train adam"])
     assert "unknown --steps" in capsys.readouterr().err
+
+
+def test_lookup_bench_dtype_sides():
+    rows = run(["--quick", "--shapes", "a", "--batch", "16", "--iters", "1", "--warmup", "0", "--mode", "back-to-back",
+                "--sides", "robe", "--kernels", "reference", "--dtype", "float32,bfloat16",
+                "--steps", "forward,train rowwise_adagrad"])
+    got = {(r["side"], r["step"]) for r in rows}
+    for side in ("robe-reference", "robe-reference-bf16"):
+        assert {(side, "forward"), (side, "train rowwise_adagrad")} <= got
+    mem = {r["side"]: r["mbytes"] for r in rows if r["step"] == "forward"}
+    assert abs(mem["robe-reference-bf16"] * 2 - mem["robe-reference"]) < 1e-6  # half the bytes
+
+
+def test_lookup_bench_rejects_unknown_dtype(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        run(["--quick", "--dtype", "float64"])
+    assert "unknown --dtype" in capsys.readouterr().err

@@ -18,6 +18,7 @@ multi-hot pooling factors; (c) 26 x 1M rows x D=64 (full tables far beyond cache
     python -m robe_torchrec.bench.lookup --shapes a --iters 5 --quick
     python -m robe_torchrec.bench.lookup --device cuda    # triton kernel on a GPU
     python -m robe_torchrec.bench.lookup --interleave     # ROBE and TBE alternate step by step
+    python -m robe_torchrec.bench.lookup --dtype float32,bfloat16   # bf16 arrays next to float32
 
 ``--mode`` (default ``both``) prints each shape twice: back to back (each side's iterations in a row,
 as docs/benchmarks.md recorded first) and interleaved (the sides alternate on the same ids, so neither
@@ -159,7 +160,11 @@ class Case:
     floor_bytes: Optional[int] = None
 
 
-def robe_side(shape, ids, offsets, kernel, ratio, block_size, device) -> Callable[[str], Optional[Case]]:
+ARRAY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHORT = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}
+
+
+def robe_side(shape, ids, offsets, kernel, ratio, block_size, device, dtype: str = "float32") -> Callable[[str], Optional[Case]]:
     m = max(block_size, shape.full_elements // ratio)
     layout = FeatureLayout(
         feature_names=tuple(f"f{t}" for t in range(shape.tables)),
@@ -171,9 +176,10 @@ def robe_side(shape, ids, offsets, kernel, ratio, block_size, device) -> Callabl
         seed=0,
     )
     keys = layout.hash_keys(device)
-    array = torch.nn.Parameter(torch.empty(m, device=device).uniform_(-0.01, 0.01))
+    array = torch.nn.Parameter(torch.empty(m, device=device).uniform_(-0.01, 0.01).to(ARRAY_DTYPES[dtype]))
     grad = torch.randn(shape.batch, shape.tables * shape.dim, device=device)
-    side = f"robe-{kernel}"
+    side = f"robe-{kernel}{_SHORT[dtype]}"
+    elem_bytes = array.element_size()
 
     def make(step: str) -> Optional[Case]:
         if step == "forward":
@@ -182,7 +188,7 @@ def robe_side(shape, ids, offsets, kernel, ratio, block_size, device) -> Callabl
                 with torch.no_grad():
                     robe_pooled_lookup(array, ids, offsets, layout, keys, shape.batch, kernel=kernel)
 
-            return Case(side, step, fwd, 4 * m / 1e6, forward_floor_bytes(shape, m))
+            return Case(side, step, fwd, elem_bytes * m / 1e6, forward_floor_bytes(shape, m))
         opt_name = step.replace("train ", "")
         opt = RobeFusedOptimizer({"array": array}, {"array": block_size}, RobeFusedOptimizerConfig(opt_name, lr=0.01))
 
@@ -190,7 +196,7 @@ def robe_side(shape, ids, offsets, kernel, ratio, block_size, device) -> Callabl
             out = robe_pooled_lookup(array, ids, offsets, layout, keys, shape.batch, kernel=kernel, fused_optimizer=opt)
             out.backward(grad)
 
-        return Case(side, step, train, 4 * (m + state_numel(opt_name, m, block_size)) / 1e6)
+        return Case(side, step, train, (elem_bytes * m + 4 * state_numel(opt_name, m, block_size)) / 1e6)
 
     return make
 
@@ -308,6 +314,9 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--kernels", default="auto", help="ROBE kernels to time, e.g. reference,cpu ('auto': the device's)")
     p.add_argument("--sides", default="robe,tbe,torch", help="which of robe,tbe,torch to run")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated ROBE array dtypes to time side by side: float32,bfloat16,float16 "
+                        "(reduced precision: float32 accumulation and optimizer state)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of: {', '.join(STEPS)}")
     p.add_argument("--mode", default="both", choices=("back-to-back", "interleave", "both"),
                    help="back-to-back: each side's iterations in a row; interleave: the sides alternate step "
@@ -324,6 +333,10 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         p.error(f"unknown --steps {unknown}: choose from {', '.join(STEPS)}")
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    bad = [d for d in dtypes if d not in ARRAY_DTYPES]
+    if bad:
+        p.error(f"unknown --dtype {bad}: choose from {', '.join(ARRAY_DTYPES)}")
     mode = "interleave" if args.interleave else args.mode
     modes = [False, True] if mode == "both" else [mode == "interleave"]
     if "tbe" in sides and not tbe_available(device):
@@ -341,7 +354,11 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
         ids, offsets = make_inputs(shape, device)
         makers: List[Callable[[str], Optional[Case]]] = []
         if "robe" in sides:
-            makers += [robe_side(shape, ids, offsets, k, args.ratio, args.block_size, device) for k in dict.fromkeys(kernels)]
+            makers += [
+                robe_side(shape, ids, offsets, k, args.ratio, args.block_size, device, d)
+                for k in dict.fromkeys(kernels)
+                for d in dict.fromkeys(dtypes)
+            ]
         if "tbe" in sides:
             makers.append(tbe_side(shape, ids, offsets, device))
         if "torch" in sides:

@@ -74,6 +74,7 @@ from robe_torchrec.optim import RobeFusedOptimizerConfig, state_numel
 DEFAULT_OUT = os.path.join("docs", "img")
 WARMUP_STEPS = 3
 ROBE_FAMILIES = ("robe", *EXTRA_METHODS)
+_ROBE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +115,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dense-lr", type=float, default=0.01, help="Adagrad lr of the MLPs")
     p.add_argument("--robe-lr", type=float, default=None, help="lr of the ROBE array (default --lr)")
     p.add_argument("--robe-optimizer", default="adagrad", choices=["adagrad", "rowwise_adagrad", "sgd"])
+    p.add_argument("--robe-dtype", default="float32", choices=list(_ROBE_DTYPES),
+                   help="dtype of the robe method's array (bf16 / fp16: float32 math and optimizer state, "
+                        "new values rounded to nearest); use its own --tag")
     p.add_argument("--robe-init", type=float, default=None,
                    help="ROBE uniform init range r (default sqrt(1/max num_embeddings))")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training samples (a lever)")
@@ -156,6 +160,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.passes = args.passes or 4
     args.tag = args.tag or ("quality" if planted else "quality_movielens100k")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.robe_dtype != "float32" and set(args.methods) & set(EXTRA_METHODS):
+        p.error(f"--robe-dtype {args.robe_dtype} applies to the robe method only, not {sorted(set(args.methods) & set(EXTRA_METHODS))}")
     unknown = set(args.methods) - {"full", "hash", "qr", "robe", *EXTRA_METHODS}
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}")
@@ -337,8 +343,11 @@ def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argp
     m = RobeEmbeddingBagCollection(
         tables, robe, fused_optimizer=RobeFusedOptimizerConfig(args.robe_optimizer, lr=lr, eps=1e-8)
     )
+    dtype = getattr(args, "robe_dtype", "float32")
+    if dtype != "float32":  # the same init, rounded; the state stays float32
+        m = m.to(_ROBE_DTYPES[dtype])
     state = 4 * state_numel(args.robe_optimizer, robe.num_elements, robe.block_size)
-    return m, f"m={robe.num_elements:,}, Z={robe.block_size}", state
+    return m, f"m={robe.num_elements:,}, Z={robe.block_size}" + ("" if dtype == "float32" else f", {dtype}"), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +433,7 @@ def run_one(spec: RunSpec, tables: List[EmbeddingBagConfig], train: Split, test:
         "samples": seen, "train_seconds": train_time,
         "samples_per_s": (seen - seen_timed0) / max(train_time, 1e-9),
         "curve": curve, "detail": detail,
+        "robe_dtype": getattr(args, "robe_dtype", "float32") if spec.method == "robe" else None,
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
@@ -84,6 +84,16 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
     ``ROBE_TORCHREC_DEBUG_CHECKS=1`` (it needs a device-to-host sync per forward). Ids may be any
     int64 (negative too: the hash reads the id's 64-bit two's-complement form) or int32.
     The array is ``arrays.<group>`` in the state dict.
+
+    Precision: a group's array has its tables' ``EmbeddingBagConfig.data_type`` (FP32, BF16 or
+    FP16, mapped as torchrec's ``data_type_to_dtype``; all tables of a group must agree; torchrec's
+    unsharded EBC itself stores every non-FP32 table as float16), or whatever ``module.to(dtype)``
+    makes it. Kernels read bf16 / fp16 arrays as float32 and pool in float32; the pooled output is
+    then returned in the array's dtype, as torchrec's EmbeddingBagCollection returns its tables'
+    dtype. Gradients and fused optimizer state are computed in float32 (the state stays float32
+    across ``.to(dtype)``); a fused step rounds the array's new values to nearest even, or
+    stochastically with ``RobeFusedOptimizerConfig(stochastic_rounding=True)`` (see
+    ``docs/kernels.md``).
     """
 
     def __init__(
@@ -141,7 +151,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         self.arrays = _RobeArrays(
             {
                 group: nn.Parameter(
-                    torch.empty(config.num_elements, dtype=torch.float32, device=self._device)
+                    torch.empty(
+                        config.num_elements,
+                        dtype=_group_dtype([t for t in tables if self._table_to_group[t.name] == group], group),
+                        device=self._device,
+                    )
                 )
                 for group, config in self._robe_configs.items()
             },
@@ -243,8 +257,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             array = self.arrays[group]
             # One group's bags are a window of the KJT's offsets; the kernels take the whole
             # batch's ids and weights with it, so no offset is read on the host.
-            outputs.append(
-                robe_pooled_lookup(
+            pooled_group = robe_pooled_lookup(
                     array,
                     ids,
                     offsets[f0 * batch_size : f1 * batch_size + 1],
@@ -255,7 +268,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
                     kernel=self._kernel,
                     fused_optimizer=None if self._fused_optimizer is None else self._fused_optimizer.kernel_args(array),
                 )
-            )
+            # float32 from the kernels; a bf16 / fp16 array's group is returned in its dtype (torchrec's EBC)
+            outputs.append(pooled_group if pooled_group.dtype == array.dtype else pooled_group.to(array.dtype))
         pooled = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if self._needs_output_permute:
             pooled = self._to_output_order(pooled)
@@ -428,6 +442,24 @@ def _resolve_groups(
     for group, config in configs.items():
         config.validate_tables([t for t in tables if mapping[t.name] == group])
     return configs, mapping
+
+
+_DTYPE_OF_DATA_TYPE = {DataType.FP32: torch.float32, DataType.BF16: torch.bfloat16, DataType.FP16: torch.float16}
+
+
+def _group_dtype(tables: Sequence[EmbeddingBagConfig], group: str) -> torch.dtype:
+    """The array dtype of one group: its tables' ``data_type`` (torchrec's ``data_type_to_dtype``
+    mapping, restricted to the float formats the kernels train in)."""
+    kinds = sorted({t.data_type for t in tables}, key=lambda d: d.value)
+    if len(kinds) > 1:
+        names = {t.name: t.data_type.name for t in tables}
+        raise ValueError(f"ROBE group {group!r}: its tables share one array and need one data_type, got {names}")
+    if kinds[0] not in _DTYPE_OF_DATA_TYPE:
+        raise ValueError(
+            f"ROBE group {group!r}: data_type {kinds[0].name} is not supported for a training array "
+            f"(FP32, BF16 or FP16; int8 is a serving format, see QuantRobeEmbeddingBagCollection)"
+        )
+    return _DTYPE_OF_DATA_TYPE[kinds[0]]
 
 
 def _output_slots_by_table(tables: Sequence[EmbeddingBagConfig]) -> Dict["tuple[str, str]", int]:

@@ -3,6 +3,10 @@
 Every backend module provides, for one embedding dim per call (like one FBGEMM TBE per dim):
 
 - ``pooled_forward(array, batch) -> [B, F*D]`` float32;
+
+The array is float32, bfloat16 or float16 (:data:`ARRAY_DTYPES`): reduced-precision arrays are read
+as float32 and summed in float32; gradients and optimizer state are always float32, and a fused
+step computes in float32 and rounds the new value into the array's dtype (``OptimizerArgs.rounding_seed``).
 - ``pooled_backward_dense(grad_out, batch) -> [m]``: the dense gradient of ``sum(pooled * grad_out)``;
 - ``pooled_backward_fused(grad_out, array, batch, optimizer) -> None``: one optimizer step on
   ``array`` (and ``optimizer.state``) in place, without a gradient the size of the array;
@@ -25,10 +29,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 __all__ = [
+    "ARRAY_DTYPES",
     "FUSED_OPTIMIZERS",
     "LookupBatch",
     "OptimizerArgs",
     "OptimizerKind",
+    "check_array_dtype",
     "mean_flags",
     "state_numel",
 ]
@@ -54,6 +60,17 @@ class OptimizerKind(str, enum.Enum):
 
 
 FUSED_OPTIMIZERS: Tuple[str, ...] = tuple(k.value for k in OptimizerKind)
+
+#: The dtypes a training array may have (every backend accepts these and rejects others).
+ARRAY_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_array_dtype(array: torch.Tensor, who: str) -> None:
+    """``TypeError`` naming the supported dtypes when ``array`` is not float32 / bfloat16 / float16."""
+    if array.dtype not in ARRAY_DTYPES:
+        raise TypeError(
+            f"{who}: the ROBE array must be float32, bfloat16 or float16, got {array.dtype}"
+        )
 
 
 def state_numel(optimizer: Union[str, OptimizerKind], num_elements: int, block_size: int) -> int:
@@ -162,15 +179,29 @@ class OptimizerArgs:
         lr, eps: numbers, or zero-argument callables read when the backward runs (an LR scheduler
             changes the optimizer's ``param_groups`` between forward and backward; the fused
             optimizers pass a reader of their ``param_groups``).
+        rounding_seed: how a bfloat16 / float16 array stores its float32-computed update. None:
+            round to nearest even (what ``tensor.to(dtype)`` does). An int >= 0: stochastic
+            rounding, element ``e`` rounded up with probability equal to its distance from the
+            lower neighbour, using random bits that are a hash of ``(rounding_seed, e)``: the
+            same seed gives the same result on any number of threads; pass a new seed every step.
+            Ignored for float32 arrays.
     """
 
     kind: OptimizerKind
     state: torch.Tensor
     lr: HyperParam
     eps: HyperParam = 1e-8
+    rounding_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", OptimizerKind.parse(self.kind))
+        seed = self.rounding_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"rounding_seed must be None or an int in [0, 2**63), got {seed!r}")
+
+    def rounding_seed_or_nearest(self) -> int:
+        """The seed as the kernels take it: -1 for round-to-nearest-even."""
+        return -1 if self.rounding_seed is None else int(self.rounding_seed)
 
     def hyper(self) -> Tuple[float, float]:
         """(lr, eps) now (callables are called)."""

@@ -25,7 +25,7 @@ import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
 
-EXTENSION_NAME = "robe_torchrec_cpu_v2"  # v2: element_range (row-wise shards)
+EXTENSION_NAME = "robe_torchrec_cpu_v3"  # v2: element_range (row-wise shards); v3: bf16 / fp16 training arrays
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "robe_cpu.cpp")
 # No -march=native: the cached build may be reused on another machine of the same cluster, and
 # the hot loops are short gathers the baseline SSE2 build already vectorises. -ffp-contract=off
@@ -98,7 +98,8 @@ def is_available() -> bool:
 
 def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API forward: pooled ``[B, F*dim]`` float32 (see ``reference.pooled_forward``); with
-    ``batch.element_range``, the partial sums over the shard's elements only."""
+    ``batch.element_range``, the partial sums over the shard's elements only. The array may be
+    float32, bfloat16 or float16 (read as float32, summed in float32 in the same order)."""
     b = _checked(batch, array.numel())
     lo, hi = _range(b)
     return load_extension().pooled_forward(
@@ -126,6 +127,8 @@ def pooled_backward_fused(
     Same update rules as ``reference.pooled_backward_fused``; only the touched chunks are read
     and written, and no gradient of the whole array is built. With ``batch.element_range`` the
     array and the state are the shard's (see :class:`~robe_torchrec.ops.api.LookupBatch`).
+    A bfloat16 / float16 array is updated in float32 from its upcast value and rounded back
+    (to nearest even, or stochastically with ``optimizer.rounding_seed``); the state is float32.
     """
     b = _checked(batch, array.numel())
     state = optimizer.state
@@ -133,7 +136,7 @@ def pooled_backward_fused(
     load_extension().pooled_backward_fused(
         grad_out.detach(), array.detach(), state.detach(), b.indices, b.offsets, b.hash_keys, b.mean,
         _detached(b.weights), b.batch_size, b.dim, b.block_size, optimizer.kind.value, lr, eps,
-        b.num_elements, *_range(b),
+        b.num_elements, *_range(b), optimizer.rounding_seed_or_nearest(),
     )
     # The C++ code writes through raw pointers, which autograd does not see: bump the version
     # counters as an in-place torch op would, so stale saved tensors are still detected.

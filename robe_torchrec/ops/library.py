@@ -8,8 +8,15 @@ Ops (namespace ``robe``), one embedding dim per call, as the kernel API of
   block_size, num_elements, kernel) -> [B, F*dim]``;
 - ``robe::pooled_backward_dense(grad_out, indices, ..., kernel) -> [m]``, linked to the forward by
   ``register_autograd`` (the array's gradient; ids, offsets and weights get none);
-- ``robe::pooled_backward_fused(grad_out, array, state, indices, ..., kind, lr, eps, kernel)``:
-  one optimizer step that mutates ``array`` and ``state`` (``mutates_args``), lr / eps as floats.
+- ``robe::pooled_backward_fused(grad_out, array, state, indices, ..., kind, lr, eps, kernel,
+  rounding_seed=-1)``: one optimizer step that mutates ``array`` and ``state`` (``mutates_args``),
+  lr / eps as floats.
+
+Arrays may be float32, bfloat16 or float16: the forward returns float32 (float32 accumulation), the
+dense backward computes a float32 gradient and the forward's autograd rounds it to the array's
+dtype (autograd requires a parameter's gradient to have its dtype), and the fused step keeps the
+state float32 and rounds the array's new values (to nearest even; stochastically with
+``rounding_seed >= 0``).
 
 ``kernel`` is ``"reference"``, ``"cpu"`` or ``"triton"`` (already resolved by the caller); the ops
 build a :class:`~robe_torchrec.ops.api.LookupBatch` and call that backend's kernel API, so no kernel
@@ -38,7 +45,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from robe_torchrec.hashing import block_offsets, element_indices
-from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind, check_array_dtype
 
 __all__ = ["fused_lookup", "pooled_backward_dense", "pooled_backward_fused", "pooled_forward"]
 
@@ -105,6 +112,7 @@ def _reference_terms(b: LookupBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.
 def _reference_forward(array: torch.Tensor, b: LookupBatch) -> torch.Tensor:
     """The reference backend's forward as the op runs it: the same math as
     ``reference.pooled_forward`` without its host read of the mean flags (tested against it)."""
+    check_array_dtype(array, "reference kernel")
     if array.numel() != b.num_elements:
         raise ValueError(f"array has {array.numel()} elements, the batch's num_elements is {b.num_elements}")
     bags, dim = b.num_features * b.batch_size, b.dim
@@ -142,7 +150,8 @@ def pooled_forward(
     num_elements: int,
     kernel: str,
 ) -> torch.Tensor:
-    """Pooled ``[batch_size, F*dim]`` float32 of F = hash_keys.shape[0] features (kernel API forward)."""
+    """Pooled ``[batch_size, F*dim]`` float32 of F = hash_keys.shape[0] features (kernel API forward);
+    the array is float32, bfloat16 or float16 (summed in float32)."""
     batch = _batch(indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements)
     if kernel == "reference":
         return _reference_forward(array, batch)
@@ -169,7 +178,8 @@ def pooled_backward_dense(
     num_elements: int,
     kernel: str,
 ) -> torch.Tensor:
-    """The dense gradient ``[num_elements]`` of ``sum(pooled * grad_out)`` (kernel API dense backward)."""
+    """The dense float32 gradient ``[num_elements]`` of ``sum(pooled * grad_out)`` (kernel API dense
+    backward); the forward's autograd rounds it to the array's dtype (see ``_backward``)."""
     batch = _batch(indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements)
     if kernel == "reference":
         return _reference_dense_grad(grad_out, batch)
@@ -200,20 +210,28 @@ def pooled_backward_fused(
     lr: float,
     eps: float,
     kernel: str,
+    rounding_seed: int = -1,
 ) -> None:
-    """One ``kind`` optimizer step on ``array`` and ``state`` in place (kernel API fused backward)."""
+    """One ``kind`` optimizer step on ``array`` and ``state`` in place (kernel API fused backward).
+
+    ``rounding_seed``: -1 rounds a bfloat16 / float16 array's new values to nearest even, >= 0
+    rounds them stochastically (``OptimizerArgs.rounding_seed``; the cpu kernel only)."""
     batch = _batch(indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements)
-    optimizer = OptimizerArgs(kind=OptimizerKind.parse(kind), state=state, lr=lr, eps=eps)
+    seed = None if rounding_seed < 0 else rounding_seed
+    optimizer = OptimizerArgs(kind=OptimizerKind.parse(kind), state=state, lr=lr, eps=eps, rounding_seed=seed)
     backend = _backend(kernel)
     with torch.no_grad():
         if kernel == "reference":  # the reference's fused step builds its gradient by autograd
+            check_array_dtype(array, "reference kernel")
+            if seed is not None and array.dtype != torch.float32:
+                raise NotImplementedError("stochastic rounding (rounding_seed) of a bf16 / fp16 array needs the cpu kernel")
             backend.apply_optimizer_dense(array, state, _reference_dense_grad(grad_out, batch), kind, lr, eps, block_size)
         else:
             backend.pooled_backward_fused(grad_out.contiguous(), array, batch, optimizer)
 
 
 @pooled_backward_fused.register_fake
-def _(grad_out, array, state, indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements, kind, lr, eps, kernel):  # type: ignore[no-untyped-def]
+def _(grad_out, array, state, indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements, kind, lr, eps, kernel, rounding_seed=-1):  # type: ignore[no-untyped-def]
     return None
 
 
@@ -221,6 +239,7 @@ def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> N
     array, indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements, kernel = inputs
     ctx.save_for_backward(indices, offsets, hash_keys, mean, weights)
     ctx.sizes = (batch_size, dim, block_size, num_elements, kernel)
+    ctx.array_dtype = array.dtype
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
@@ -228,6 +247,8 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor],
     grad = None
     if ctx.needs_input_grad[0]:
         grad = pooled_backward_dense(grad_out, indices, offsets, hash_keys, mean, weights, *ctx.sizes)
+        if ctx.array_dtype != torch.float32:  # autograd wants the parameter's dtype: round once here
+            grad = grad.to(ctx.array_dtype)
     return (grad,) + (None,) * 10
 
 
@@ -265,6 +286,7 @@ class _FusedLookup(torch.autograd.Function):
         torch.ops.robe.pooled_backward_fused(
             grad_out, array, state, b.indices, b.offsets, b.hash_keys, b.mean, b.weights,
             b.batch_size, b.dim, b.block_size, b.num_elements, ctx.kind, lr, eps, ctx.kernel,
+            ctx.optimizer.rounding_seed_or_nearest(),
         )
         return (None,) * 7
 

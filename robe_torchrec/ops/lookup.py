@@ -22,10 +22,14 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_ch
 
 import torch
 
-from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, mean_flags
+from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, check_array_dtype, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.library import fused_lookup
-from robe_torchrec.ops.reference import apply_optimizer_dense, robe_pooled_lookup_reference
+from robe_torchrec.ops.reference import (
+    apply_optimizer_dense,
+    require_nearest_rounding,
+    robe_pooled_lookup_reference,
+)
 
 KERNELS = ("auto", "reference", "cpu", "triton")
 _BACKEND_MODULES = {"cpu": "robe_torchrec.ops.cpu", "triton": "robe_torchrec.ops.triton"}
@@ -124,9 +128,12 @@ def robe_pooled_lookup(
     With ``fused_optimizer`` (an :class:`~robe_torchrec.ops.api.OptimizerArgs` for this array, or
     an object whose ``kernel_args(array)`` returns one, such as the module's RobeFusedOptimizer),
     backward updates the array in place and leaves no gradient; otherwise backward gives the array
-    a dense gradient. Per-sample weights are treated as constants by the fast kernels (no gradient
-    flows to them); the reference path differentiates them.
+    a dense gradient. The array is float32, bfloat16 or float16 (``TypeError`` otherwise): the
+    output is float32 (float32 accumulation), a dense gradient has the array's dtype (the float32
+    gradient rounded once), a fused step keeps float32 state. Per-sample weights are treated as
+    constants by the fast kernels (no gradient flows to them); the reference path differentiates them.
     """
+    check_array_dtype(array, "robe_pooled_lookup")  # every kernel: float32, bfloat16 or float16
     name = resolve_kernel(kernel, array.device)
     optimizer = _optimizer_args(fused_optimizer, array)
     if name == "reference" and (optimizer is None or len(set(layout.dims)) > 1):
@@ -195,7 +202,8 @@ class _RobeLookupRuns(torch.autograd.Function):
         array, runs, kernel, optimizer = ctx.meta
         grad = runs_dense_grad(_backend(kernel), grad_out, runs)
         if optimizer is None:
-            return grad, None, None, None
+            return grad.to(array.dtype), None, None, None  # float32, rounded once for a bf16/fp16 array
+        require_nearest_rounding(array, optimizer, "a multi-dim layout's fused step")
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(array.data, optimizer.state, grad, optimizer.kind, lr, eps, runs[0].block_size)
         return None, None, None, None
@@ -233,10 +241,13 @@ class _ReferenceFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         array, indices, offsets, layout, hash_keys, batch_size, weights, optimizer = ctx.args
-        leaf = torch.zeros_like(array, requires_grad=True)
+        # float32 gradient for a bf16 / fp16 array too (the fused step's state and math are float32)
+        grad_dtype = torch.float32 if array.dtype in (torch.bfloat16, torch.float16) else array.dtype
+        leaf = torch.zeros(array.shape, dtype=grad_dtype, device=array.device, requires_grad=True)
         with torch.enable_grad():
             out = robe_pooled_lookup_reference(leaf, indices, offsets, layout, hash_keys, batch_size, weights)
             (g,) = torch.autograd.grad(out, leaf, grad_out)
+        require_nearest_rounding(array, optimizer, "the reference kernel")
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(array.data, optimizer.state, g, optimizer.kind, lr, eps, layout.block_size)
         return (None,) * 8

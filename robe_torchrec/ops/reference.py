@@ -12,7 +12,14 @@ from typing import List, Optional, Union
 import torch
 
 from robe_torchrec.hashing import block_offsets, element_indices
-from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind, mean_flags, state_numel
+from robe_torchrec.ops.api import (
+    LookupBatch,
+    OptimizerArgs,
+    OptimizerKind,
+    check_array_dtype,
+    mean_flags,
+    state_numel,
+)
 from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
 
 
@@ -26,6 +33,9 @@ def robe_pooled_lookup_reference(
     per_sample_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pooled embeddings ``[batch_size, layout.total_dim]`` of all features in ``layout``.
+
+    bfloat16 / float16 arrays are read as float32 and pooled in float32 (float32 output, the
+    kernels' contract); float32 and float64 arrays pool in their own dtype (float64: gradcheck).
 
     Args:
         array: the ROBE array, shape [m].
@@ -51,8 +61,9 @@ def robe_pooled_lookup_reference(
     bag_of_lookup = (row_of_lookup - 1).clamp(0, max(num_bags - 1, 0))
     feature_of_lookup = bag_of_lookup // batch_size if batch_size > 0 else bag_of_lookup
     mean_per_bag = mean_flags(layout.mean, array.device).repeat_interleave(batch_size)
+    acc = torch.float32 if array.dtype in (torch.bfloat16, torch.float16) else array.dtype
     bag_scale = torch.where(
-        mean_per_bag, 1.0 / lengths.clamp(min=1).to(array.dtype), torch.ones((), dtype=array.dtype, device=array.device)
+        mean_per_bag, 1.0 / lengths.clamp(min=1).to(acc), torch.ones((), dtype=acc, device=array.device)
     )
 
     pooled_by_dim = {}
@@ -68,11 +79,12 @@ def robe_pooled_lookup_reference(
             ids, bags, feats = indices[sel], row_of_lookup[sel], feature_of_lookup[sel]
         keys = hash_keys[feats]
         starts = block_offsets(ids, keys[:, 0], keys[:, 1], dim // block, m)
-        rows = array[element_indices(starts, block, m)]  # [n, dim]
+        # upcast before the gather: autograd then sums the gradient in float32 and rounds it once
+        rows = array.to(acc)[element_indices(starts, block, m)]  # [n, dim]
         if per_sample_weights is not None:
             w = per_sample_weights if sel is None else per_sample_weights[sel]
             rows = rows * w.to(rows.dtype).unsqueeze(1)
-        pooled = torch.zeros(num_bags + 2, dim, dtype=array.dtype, device=array.device)
+        pooled = torch.zeros(num_bags + 2, dim, dtype=acc, device=array.device)
         pooled = pooled.index_add(0, bags, rows)[1 : num_bags + 1] * bag_scale.unsqueeze(1)
         pooled_by_dim[dim] = pooled.view(num_features, batch_size, dim)
 
@@ -106,9 +118,10 @@ def _uniform_layout(batch: LookupBatch) -> FeatureLayout:
 def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API forward: pooled ``[B, F*dim]`` float32 for the F = batch.num_features features.
 
-    array [m] float32 (m = batch.num_elements); the batch's tensors as documented in
-    :class:`~robe_torchrec.ops.api.LookupBatch`.
+    array [m] float32, bfloat16 or float16 (m = batch.num_elements; reduced precision is summed in
+    float32); the batch's tensors as documented in :class:`~robe_torchrec.ops.api.LookupBatch`.
     """
+    check_array_dtype(array, "reference kernel")
     if array.numel() != batch.num_elements:
         raise ValueError(f"array has {array.numel()} elements, the batch's num_elements is {batch.num_elements}")
     return robe_pooled_lookup_reference(
@@ -138,10 +151,23 @@ def pooled_backward_fused(
     state: float32 ``[state_numel(kind, m, Z)]``: empty for sgd, [m] for adagrad, [ceil(m / Z)]
     for rowwise_adagrad. Elements and chunks no lookup touched are left exactly as they are
     (g = 0 there). This reference builds the dense gradient; the fast kernels must not.
+    A bfloat16 / float16 array is stepped in float32 and rounded back (see apply_optimizer_dense).
     """
+    check_array_dtype(array, "reference kernel")
+    require_nearest_rounding(array, optimizer, "reference kernel")
     g = pooled_backward_dense(grad_out, batch)
     lr, eps = optimizer.hyper()
     apply_optimizer_dense(array, optimizer.state, g, optimizer.kind, lr, eps, batch.block_size)
+
+
+def require_nearest_rounding(array: torch.Tensor, optimizer: OptimizerArgs, who: str) -> None:
+    """``NotImplementedError`` when a dense-gradient path (which rounds to nearest) is asked to
+    round a bf16 / fp16 array stochastically: that is done only inside the fast fused kernels."""
+    if optimizer.rounding_seed is not None and array.dtype != torch.float32:
+        raise NotImplementedError(
+            f"{who}: stochastic rounding (rounding_seed) of a {array.dtype} array needs the fused cpu "
+            "kernel on a single-dim layout; this path rounds to nearest"
+        )
 
 
 def apply_optimizer_dense(
@@ -153,7 +179,18 @@ def apply_optimizer_dense(
     eps: float,
     block_size: int,
 ) -> None:
-    """The fused optimizers' update rules on a dense gradient (see pooled_backward_fused)."""
+    """The fused optimizers' update rules on a dense gradient (see pooled_backward_fused).
+
+    A bfloat16 / float16 ``array`` is updated as the fast kernels do: the float32 step on its
+    upcast values, then rounded to nearest even into the array (``rounding_seed`` is a kernel
+    option; this reference rounds to nearest). ``state`` and ``g`` are float32.
+    """
+    if array.dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad():
+            work = array.float()
+            apply_optimizer_dense(work, state, g.float(), optimizer, lr, eps, block_size)
+            array.copy_(work)
+        return
     kind = OptimizerKind.parse(optimizer)
     with torch.no_grad():
         if kind is OptimizerKind.SGD:

@@ -74,7 +74,7 @@ def fused_config_from_params(fused_params: Optional[Dict[str, Any]]) -> Optional
     """A ``RobeFusedOptimizerConfig`` from sharder ``fused_params``, or None.
 
     Accepted keys: ``optimizer`` ("sgd" | "adagrad" | "rowwise_adagrad"), ``lr`` (or
-    ``learning_rate``), ``eps``. Other keys (torchrec's TBE options) are ignored.
+    ``learning_rate``), ``eps``, ``stochastic_rounding``. Other keys (torchrec's TBE options) are ignored.
     """
     if not fused_params or "optimizer" not in fused_params:
         return None
@@ -88,6 +88,8 @@ def fused_config_from_params(fused_params: Optional[Dict[str, Any]]) -> Optional
         kwargs["lr"] = float(fused_params.get("lr", fused_params.get("learning_rate")))
     if "eps" in fused_params:
         kwargs["eps"] = float(fused_params["eps"])
+    if "stochastic_rounding" in fused_params:  # TBE's option of the same name (bf16 / fp16 arrays)
+        kwargs["stochastic_rounding"] = bool(fused_params["stochastic_rounding"])
     return RobeFusedOptimizerConfig(**kwargs)
 
 
@@ -171,6 +173,12 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
     ) -> "ShardedRobeEmbeddingBagCollection":
         from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollection
 
+        reduced = {g: a.dtype for g, a in module.arrays.items() if a.dtype != torch.float32}
+        if reduced:  # the sharded arrays, their state and checkpoints are float32 throughout
+            raise NotImplementedError(
+                f"sharding bf16 / fp16 ROBE arrays is not supported yet (groups {reduced}); shard the "
+                "float32 module (the plain module trains bf16 / fp16 arrays)"
+            )
         return ShardedRobeEmbeddingBagCollection(
             module,
             params,

@@ -7,6 +7,11 @@
 // Sizes: m (the array length) goes up to 2**48 and nnz * D can exceed 2**31, so every element
 // position, record number and output offset is int64. Only the hash itself is 32-bit (by spec).
 //
+// Array dtypes: float32, bfloat16, float16 (check_train_array). Reduced arrays are read as float32
+// (the serving readers below) and summed in float32 in the same order; the dense gradient is
+// float32; the fused step computes in float32 and rounds on store (ArrayIO: to nearest even, or
+// stochastically with a seed). grad_out, weights and optimizer state are always float32.
+//
 // Threading: plain OpenMP with num_threads(at::get_num_threads()), so torch.set_num_threads and
 // OMP_NUM_THREADS apply. torch's wheel ships libgomp.so.1 under the same soname, so the process
 // has one OpenMP runtime. Every result is independent of the number of threads (see backward).
@@ -23,6 +28,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -197,6 +203,15 @@ void check_float_array(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, "robe cpu kernel: ", name, " must be float32, got ", t.scalar_type());
 }
 
+// The training array: float32, or bfloat16 / float16 (read as float32, updated in float32 and
+// rounded back on store; optimizer state and gradients stay float32).
+void check_train_array(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "robe cpu kernel: array must be on the CPU");
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
+              "robe cpu kernel: array must be float32, bfloat16 or float16, got ", s);
+}
+
 // MEAN scale of a bag, computed as the reference does: 1.0f / float(len), 1 for SUM or empty.
 inline float bag_scale(const Problem& p, int64_t bag) {
   const int64_t len = p.off[bag + 1] - p.off[bag];
@@ -310,17 +325,26 @@ at::Tensor pooled_forward(const at::Tensor& array, const at::Tensor& indices, co
                           const at::Tensor& hash_keys, const at::Tensor& mean,
                           const std::optional<at::Tensor>& per_sample_weights, int64_t batch_size, int64_t dim,
                           int64_t block_size, int64_t num_elements, int64_t element_lo, int64_t element_hi) {
-  check_float_array(array, "array");
+  check_train_array(array);
   TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
   const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size,
                                  dim, block_size);
   const bool ranged = check_range(element_lo, element_hi, p.m, p.Z, array.numel(), "array");
   const at::Tensor arr = array.contiguous();
-  if (ranged) {
-    return pooled_forward_with<true>(FloatReader{arr.data_ptr<float>()}, p, array.options(),
-                                     ElementRange{element_lo, element_hi});
+  const ElementRange range{element_lo, element_hi};
+  // bf16 / fp16 arrays go through the serving path's readers: float32 accumulation, same order.
+  const auto run = [&](const auto& read) {
+    return ranged ? pooled_forward_with<true>(read, p, array.options(), range)
+                  : pooled_forward_with<false>(read, p, array.options());
+  };
+  switch (arr.scalar_type()) {
+    case at::kBFloat16:
+      return run(HalfReader<at::BFloat16>{arr.data_ptr<at::BFloat16>()});
+    case at::kHalf:
+      return run(HalfReader<at::Half>{arr.data_ptr<at::Half>()});
+    default:
+      return run(FloatReader{arr.data_ptr<float>()});
   }
-  return pooled_forward_with<false>(FloatReader{arr.data_ptr<float>()}, p, array.options());
 }
 
 // Forward on a stored (serving) array: float32, bfloat16, float16, or uint8 codes with
@@ -733,53 +757,78 @@ at::Tensor pooled_backward_dense(const at::Tensor& grad_out, int64_t num_element
   return grad;
 }
 
-void pooled_backward_fused(const at::Tensor& grad_out, const at::Tensor& array, const at::Tensor& state,
-                           const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& hash_keys,
-                           const at::Tensor& mean, const std::optional<at::Tensor>& per_sample_weights,
-                           int64_t batch_size, int64_t dim, int64_t block_size, const std::string& optimizer,
-                           double lr, double eps, int64_t num_elements, int64_t element_lo, int64_t element_hi) {
-  check_float_array(array, "array");
-  TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
-  // Updated in place through the raw pointer: a non-contiguous tensor cannot be.
-  TORCH_CHECK(array.is_contiguous(), "robe cpu kernel: array must be contiguous (it is updated in place)");
-  const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim,
-                                 block_size);
-  check_range(element_lo, element_hi, p.m, p.Z, array.numel(), "array");
-  check_grad_out(p, grad_out);
-  // The shard [lo, hi) (the whole array when lo = 0, hi = m): the array and the state hold only its
-  // elements / chunks, so global element e is M[e - lo] and global chunk q is S[q - lo / Z].
-  const ElementRange range{element_lo, element_hi};
-  const int64_t lo = element_lo, local = element_hi - element_lo, chunk_lo = element_lo / p.Z;
-  const int64_t num_chunks = (local + p.Z - 1) / p.Z;
-  float* M = array.data_ptr<float>();
-  // The reference computes in float32 with the Python scalars cast to float: same here.
-  const float lrf = static_cast<float>(lr), epsf = static_cast<float>(eps);
+// ---------------------------------------------------------------------------------------------
+// Element storage of the fused step: load as float32, compute in float32, store rounded.
+// ---------------------------------------------------------------------------------------------
 
+// Random bits of element e for one step's rounding seed: a chain of the hash's finaliser, a pure
+// function of (seed, global element index), so the result is independent of threads and shards.
+inline uint32_t rounding_bits(uint64_t seed, uint64_t e) {
+  uint32_t h = fmix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+  h = fmix32(h ^ static_cast<uint32_t>(seed >> 32));
+  h = fmix32(h ^ static_cast<uint32_t>(e));
+  return fmix32(h ^ static_cast<uint32_t>(e >> 32));
+}
+
+// Stochastic rounding of v to T (bf16 / fp16): the neighbour toward zero t or the next one away
+// from zero, the latter with probability (|v| - |t|) / (|up| - |t|), so E[result] = v. u is
+// uniform in [0, 1) from 24 random bits. Both formats are sign-magnitude, so +-1 on the bits
+// steps the magnitude. Exact values, infinities and NaN are returned as round-to-nearest gives.
+template <typename T>
+inline T round_stochastic(float v, uint32_t bits) {
+  const T nearest(v);
+  const float n = static_cast<float>(nearest);
+  if (n == v || !std::isfinite(v)) return nearest;
+  T t = nearest;
+  if (std::fabs(n) > std::fabs(v)) t.x = static_cast<uint16_t>(t.x - 1);  // |n| > |v| >= 0: n != 0
+  T up = t;
+  up.x = static_cast<uint16_t>(up.x + 1);
+  const float ft = std::fabs(static_cast<float>(t)), fu = std::fabs(static_cast<float>(up));
+  const float prob = (std::fabs(v) - ft) / (fu - ft);
+  const float u = static_cast<float>(bits >> 8) * 0x1p-24f;
+  return u < prob ? up : t;
+}
+
+// The array seen by the update rules: local element i (global e = i + lo). float32 is read and
+// written as before; bf16 / fp16 are upcast on load and rounded on store, to nearest even (c10's
+// conversion, the same as torch's .to()) or stochastically when seed >= 0.
+template <typename T>
+struct ArrayIO {
+  T* M;
+  int64_t lo;
+  int64_t seed;  // < 0: round to nearest even
+  inline float load(int64_t i) const { return static_cast<float>(M[i]); }
+  inline void store(int64_t i, float v) const {
+    if constexpr (std::is_same_v<T, float>) {
+      M[i] = v;
+    } else {
+      M[i] = seed < 0 ? T(v) : round_stochastic<T>(v, rounding_bits(static_cast<uint64_t>(seed), uint64_t(i + lo)));
+    }
+  }
+};
+
+// One optimizer step on the touched chunks of the shard [lo, hi) (the whole array when lo = 0,
+// hi = m): the array and the state hold only its elements / chunks, so global element e is local
+// e - lo and global chunk q is local q - lo / Z. S: the float32 state (unused for sgd).
+template <typename T>
+void fused_step(const Problem& p, const at::Tensor& grad_out, ElementRange range, const ArrayIO<T>& io, float* S,
+                const std::string& optimizer, float lrf, float epsf) {
+  const int64_t lo = range.lo, chunk_lo = range.lo / p.Z;
   if (optimizer == "sgd") {
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
-      float* x = M + (first - lo);
-      for (int64_t e = 0; e < len; ++e) x[e] -= lrf * g[e];
+      const int64_t x = first - lo;
+      for (int64_t e = 0; e < len; ++e) io.store(x + e, io.load(x + e) - lrf * g[e]);
     });
   } else if (optimizer == "adagrad") {
-    check_float_array(state, "state");
-    TORCH_CHECK(state.dim() == 1 && state.numel() == local && state.is_contiguous(),
-                "robe cpu kernel: adagrad state must be a contiguous [array elements] = [", local,
-                "] tensor, got shape ", state.sizes());
-    float* S = state.data_ptr<float>();
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
-      float* x = M + (first - lo);
-      float* s = S + (first - lo);
+      const int64_t x = first - lo;
+      float* s = S + x;
       for (int64_t e = 0; e < len; ++e) {
         s[e] += g[e] * g[e];
-        x[e] -= (lrf * g[e]) / (std::sqrt(s[e]) + epsf);
+        io.store(x + e, io.load(x + e) - (lrf * g[e]) / (std::sqrt(s[e]) + epsf));
       }
     });
-  } else if (optimizer == "rowwise_adagrad") {
-    check_float_array(state, "state");
-    TORCH_CHECK(state.dim() == 1 && state.numel() == num_chunks && state.is_contiguous(),
-                "robe cpu kernel: rowwise_adagrad state must be a contiguous [ceil(array elements / block_size)] = [",
-                num_chunks, "] tensor, got shape ", state.sizes());
-    float* S = state.data_ptr<float>();
+  } else {  // rowwise_adagrad (the caller checked the name)
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t chunk, int64_t first, int64_t len, const float* g) {
       const int64_t q = static_cast<int64_t>(chunk) - chunk_lo;
       float sum_sq = 0.0f;
@@ -787,12 +836,59 @@ void pooled_backward_fused(const at::Tensor& grad_out, const at::Tensor& array, 
       // Mean over the chunk's real elements: the last chunk may be shorter than Z.
       S[q] += sum_sq / static_cast<float>(len);
       const float denom = std::sqrt(S[q]) + epsf;
-      float* x = M + (first - lo);
-      for (int64_t e = 0; e < len; ++e) x[e] -= (lrf * g[e]) / denom;
+      const int64_t x = first - lo;
+      for (int64_t e = 0; e < len; ++e) io.store(x + e, io.load(x + e) - (lrf * g[e]) / denom);
     });
-  } else {
-    TORCH_CHECK(false, "robe cpu kernel: unknown fused optimizer '", optimizer,
-                "': sgd, adagrad or rowwise_adagrad");
+  }
+}
+
+void pooled_backward_fused(const at::Tensor& grad_out, const at::Tensor& array, const at::Tensor& state,
+                           const at::Tensor& indices, const at::Tensor& offsets, const at::Tensor& hash_keys,
+                           const at::Tensor& mean, const std::optional<at::Tensor>& per_sample_weights,
+                           int64_t batch_size, int64_t dim, int64_t block_size, const std::string& optimizer,
+                           double lr, double eps, int64_t num_elements, int64_t element_lo, int64_t element_hi,
+                           int64_t rounding_seed) {
+  check_train_array(array);
+  TORCH_CHECK(array.dim() == 1, "robe cpu kernel: array must be 1-D, got shape ", array.sizes());
+  // Updated in place through the raw pointer: a non-contiguous tensor cannot be.
+  TORCH_CHECK(array.is_contiguous(), "robe cpu kernel: array must be contiguous (it is updated in place)");
+  TORCH_CHECK(optimizer == "sgd" || optimizer == "adagrad" || optimizer == "rowwise_adagrad",
+              "robe cpu kernel: unknown fused optimizer '", optimizer, "': sgd, adagrad or rowwise_adagrad");
+  const Problem p = make_problem(num_elements, indices, offsets, hash_keys, mean, per_sample_weights, batch_size, dim,
+                                 block_size);
+  check_range(element_lo, element_hi, p.m, p.Z, array.numel(), "array");
+  check_grad_out(p, grad_out);
+  const ElementRange range{element_lo, element_hi};
+  const int64_t local = element_hi - element_lo;
+  const int64_t num_chunks = (local + p.Z - 1) / p.Z;
+  float* S = nullptr;
+  if (optimizer == "adagrad") {
+    check_float_array(state, "state");
+    TORCH_CHECK(state.dim() == 1 && state.numel() == local && state.is_contiguous(),
+                "robe cpu kernel: adagrad state must be a contiguous [array elements] = [", local,
+                "] tensor, got shape ", state.sizes());
+    S = state.data_ptr<float>();
+  } else if (optimizer == "rowwise_adagrad") {
+    check_float_array(state, "state");
+    TORCH_CHECK(state.dim() == 1 && state.numel() == num_chunks && state.is_contiguous(),
+                "robe cpu kernel: rowwise_adagrad state must be a contiguous [ceil(array elements / block_size)] = [",
+                num_chunks, "] tensor, got shape ", state.sizes());
+    S = state.data_ptr<float>();
+  }
+  // The reference computes in float32 with the Python scalars cast to float: same here.
+  const float lrf = static_cast<float>(lr), epsf = static_cast<float>(eps);
+  switch (array.scalar_type()) {
+    case at::kBFloat16:
+      fused_step(p, grad_out, range, ArrayIO<at::BFloat16>{array.data_ptr<at::BFloat16>(), element_lo, rounding_seed},
+                 S, optimizer, lrf, epsf);
+      break;
+    case at::kHalf:
+      fused_step(p, grad_out, range, ArrayIO<at::Half>{array.data_ptr<at::Half>(), element_lo, rounding_seed}, S,
+                 optimizer, lrf, epsf);
+      break;
+    default:
+      fused_step(p, grad_out, range, ArrayIO<float>{array.data_ptr<float>(), element_lo, -1}, S, optimizer, lrf,
+                 epsf);
   }
 }
 
@@ -838,7 +934,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("array"), py::arg("state"), py::arg("indices"), py::arg("offsets"), py::arg("hash_keys"),
         py::arg("mean"), py::arg("per_sample_weights"), py::arg("batch_size"), py::arg("dim"),
         py::arg("block_size"), py::arg("optimizer"), py::arg("lr"), py::arg("eps"), py::arg("num_elements"),
-        py::arg("element_lo"), py::arg("element_hi"));
+        py::arg("element_lo"), py::arg("element_hi"), py::arg("rounding_seed"));
   m.def("block_offsets", &block_offsets, "block starts [n, num_blocks] (hash v1)", py::arg("ids"), py::arg("k0"),
         py::arg("k1"), py::arg("num_blocks"), py::arg("num_elements"));
 }

@@ -113,6 +113,7 @@ if triton is not None:
                 row = tl.where(inside, row, wrapped)
             else:
                 row = tl.load(array_ptr + e, mask=msk, other=0.0)
+            row = row.to(tl.float32)  # bf16 / fp16 arrays: summed in float32
             if HAS_WEIGHTS:
                 w = tl.load(weights_ptr + (start + (i + u)), mask=live, other=0.0)
                 row = row * w[:, None, None]

@@ -222,7 +222,7 @@ if triton is not None:
         if MODE == _WRITE_DENSE:
             tl.store(array_ptr + e, g, mask=ok)
         else:
-            p = tl.load(array_ptr + e, mask=ok, other=0.0)
+            p = tl.load(array_ptr + e, mask=ok, other=0.0).to(tl.float32)  # bf16 / fp16: step in float32
             if MODE == _SGD:
                 p = p - lr * g
             elif MODE == _ADAGRAD:
@@ -236,7 +236,7 @@ if triton is not None:
                 tl.store(state_ptr + chunk, st, mask=u_ok)
                 denom = tl.sqrt_rn(st) + eps
                 p = p - tl.div_rn(lr * g, denom[:, None])
-            tl.store(array_ptr + e, p, mask=ok)
+            tl.store(array_ptr + e, p.to(array_ptr.dtype.element_ty), mask=ok)  # rounded to nearest even
 
 
 

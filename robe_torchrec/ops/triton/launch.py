@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 from robe_torchrec.hashing import MAX_NUM_ELEMENTS
-from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind, state_numel
+from robe_torchrec.ops.api import ARRAY_DTYPES, LookupBatch, OptimizerArgs, OptimizerKind, state_numel
 from robe_torchrec.ops.triton.bags import BagMode, launch_bags
 from robe_torchrec.ops.triton.common import check_device, check_dtype, check_runnable
 from robe_torchrec.ops.triton.fused import (
@@ -110,7 +110,8 @@ def _prepare(device: torch.device, batch: LookupBatch) -> LookupBatch:
 
 
 def _check_array(array: torch.Tensor, batch: LookupBatch, why: str = "") -> None:
-    check_dtype(array, "array", torch.float32)
+    if array.dtype not in ARRAY_DTYPES:
+        raise TypeError(f"array must be float32, bfloat16 or float16, got {array.dtype}")
     if array.dim() != 1 or not array.is_contiguous():
         raise ValueError(f"array must be a contiguous 1-D tensor{why}")
     if batch.element_range is not None:
@@ -226,6 +227,11 @@ def pooled_backward_fused(
         state = array  # unused by the sgd kernel
     if b.indices.numel() == 0 or b.batch_size == 0:
         return
+    if optimizer.rounding_seed is not None and array.dtype != torch.float32:
+        raise NotImplementedError(
+            "triton kernel: stochastic rounding (rounding_seed) of a bf16 / fp16 array is not implemented; "
+            "it rounds to nearest even (rounding_seed=None), the cpu kernel rounds stochastically"
+        )
     lr, eps = optimizer.hyper()
     mode = UpdateMode.of(kind)
     if b.element_range is not None:

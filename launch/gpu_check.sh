@@ -30,7 +30,8 @@ PY
 
 status=0
 timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_gpu_module.py tests/test_ops_triton.py tests/test_element_range_triton.py tests/test_hashing.py 2>&1 | tee "$OUT/tests.log"
+  tests/test_gpu_module.py tests/test_ops_triton.py tests/test_element_range_triton.py \
+  tests/test_reduced_precision_triton.py tests/test_stored_triton.py tests/test_hashing.py 2>&1 | tee "$OUT/tests.log"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" = 0 ] || status=1
 

@@ -16,9 +16,9 @@ has a fake kernel (output shape from input shapes only: batch = lengths.numel() 
 ``torch.export`` with dynamic batch and id counts, ``torch.compile`` and ``torch.jit.script`` see
 one opaque node. On CPU, when every feature reads one array with one dim (DLRM-style models), it
 runs the C++ kernel's forward on the stored format (``pooled_forward_stored``: the same hash and
-summation order as the float kernel); otherwise, and on CUDA, the vectorised PyTorch math below
-(``ROBE_STORED_LOOKUP_REFERENCE=1`` forces it, for tests). A Triton read of these formats is
-follow-up work.
+summation order as the float kernel), on CUDA the Triton bag kernel's (``ops.triton.pooled_forward_stored``:
+float formats upcast on load, int8 dequantised per element); otherwise (several arrays or dims)
+the vectorised PyTorch math below (``ROBE_STORED_LOOKUP_REFERENCE=1`` forces it, for tests).
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ def _cpu_kernel_ready(data: torch.Tensor) -> bool:
     return cpu.is_available()
 
 
+def _triton_ready(data: torch.Tensor) -> bool:
+    """The Triton kernels serve CUDA arrays when they load (else the PyTorch math below does)."""
+    if data.device.type != "cuda" or os.environ.get("ROBE_STORED_LOOKUP_REFERENCE") == "1":
+        return False
+    from robe_torchrec.ops import triton as tk
+
+    return tk.is_available()
+
+
 def _read(data: torch.Tensor, scale_bias: Optional[torch.Tensor], elements: torch.Tensor, block_size: int) -> torch.Tensor:
     """float32 values of array positions ``elements`` (any shape) in the stored format."""
     values = data[elements].float()
@@ -115,15 +124,26 @@ def pooled_lookup_stored(
     batch = lengths.numel() // max(num_features, 1)
     lengths = lengths.to(torch.int64)
     ids = ids.to(torch.int64)
-    if num_features and len(set(zip(feature_groups, dims))) == 1 and _cpu_kernel_ready(data):
-        # one array, one dim (DLRM-style models): the C++ kernel reads the stored format directly
-        from robe_torchrec.ops.cpu import load_extension
-
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    if num_features and len(set(zip(feature_groups, dims))) == 1 and (_cpu_kernel_ready(data) or _triton_ready(data)):
+        # one array, one dim (DLRM-style models): the C++ (CPU) or Triton (CUDA) kernel reads the
+        # stored format directly
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=ids.device)
         torch.cumsum(lengths, 0, out=offsets[1:])
         g, z = feature_groups[0], group_block_sizes[feature_groups[0]]
         lo, m = group_data_offsets[g], group_elements[g]
         sb = None if scale_bias is None else scale_bias[group_row_offsets[g] : group_row_offsets[g] + (m + z - 1) // z]
+        if data.device.type == "cuda":
+            from robe_torchrec.ops import triton as tk
+            from robe_torchrec.ops.api import LookupBatch
+
+            lookup = LookupBatch(
+                indices=ids, offsets=offsets, hash_keys=hash_keys, mean=mean.to(torch.bool),
+                weights=None if weights is None else weights.float(), batch_size=batch, dim=dims[0],
+                block_size=z, num_elements=m,
+            )
+            return tk.pooled_forward_stored(data[lo : lo + m], sb, lookup)
+        from robe_torchrec.ops.cpu import load_extension
+
         return load_extension().pooled_forward_stored(
             data[lo : lo + m], sb, ids, offsets, hash_keys, mean.to(torch.bool), weights, batch, dims[0], z
         )

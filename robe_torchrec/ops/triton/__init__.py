@@ -28,7 +28,12 @@ from types import ModuleType
 
 from robe_torchrec.ops.triton.common import interpreted, is_available
 from robe_torchrec.ops.triton.hash import block_offsets_triton
-from robe_torchrec.ops.triton.launch import pooled_backward_dense, pooled_backward_fused, pooled_forward
+from robe_torchrec.ops.triton.launch import (
+    pooled_backward_dense,
+    pooled_backward_fused,
+    pooled_forward,
+    pooled_forward_stored,
+)
 from robe_torchrec.ops.triton.tuning import BagConfig, UpdateConfig, kernel_config, set_kernel_config
 
 __all__ = [
@@ -41,6 +46,7 @@ __all__ = [
     "pooled_backward_dense",
     "pooled_backward_fused",
     "pooled_forward",
+    "pooled_forward_stored",
     "reload",
     "set_kernel_config",
 ]

@@ -88,14 +88,26 @@ if triton is not None:
         return tl.reduce(tl.reduce(tl.reduce(w, 2, MAX_COMBINE), 1, MAX_COMBINE), 0, MAX_COMBINE)
 
     @triton.jit
-    def _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok,
-                    HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, WRAP: tl.constexpr, RANGED: tl.constexpr):
+    def _fwd_gather(acc, s3, array_ptr, sb_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok,
+                    HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, WRAP: tl.constexpr, RANGED: tl.constexpr,
+                    INT8: tl.constexpr, Z: tl.constexpr):
         for u in tl.static_range(U):  # lookups added one after the other, in input order
             s = _pick(s3, u, U)
             live = i + u < length
             e = s[:, :, None] + k[None, None, :]
             msk = live[:, None, None] & elem_ok
-            if RANGED:
+            if INT8:
+                # FBGEMM's row-wise int8 on the [ceil(m/Z), Z] view: code * scale[row] + bias[row];
+                # masked elements read scale = bias = 0, hence 0 (the wrapped part of a block is
+                # read through a selected pointer: rare, see _any_wraps)
+                ew = e
+                if WRAP:
+                    ew = tl.where(e < m, e, e - m)
+                code = tl.load(array_ptr + ew, mask=msk, other=0)
+                sb = (ew // Z) * 2
+                row = code.to(tl.float32) * tl.load(sb_ptr + sb, mask=msk, other=0.0) + tl.load(
+                    sb_ptr + (sb + 1), mask=msk, other=0.0)
+            elif RANGED:
                 # a row-wise shard: global element e is local[e - lo] inside [lo, hi), else 0
                 if WRAP:
                     inside = e < m
@@ -121,18 +133,18 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m, lo, hi, k, elem_ok,
+    def _fwd_steps(acc, array_ptr, sb_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m, lo, hi, k, elem_ok,
                    HAS_WEIGHTS: tl.constexpr, U: tl.constexpr, OFF32: tl.constexpr, Z: tl.constexpr,
-                   RANGED: tl.constexpr):
+                   RANGED: tl.constexpr, INT8: tl.constexpr):
         s3, live2 = _hash_tile(indices_ptr, start, length, i, p0, p1, m, inv_m, U, OFF32)
         # almost no step has a wrapping block (probability ~ Z/m per block): those that do take
         # the path with a second masked load per element, the others one plain load
         if _any_wraps(s3, live2, m, Z) != 0:
-            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok, HAS_WEIGHTS,
-                              U, True, RANGED)
+            acc = _fwd_gather(acc, s3, array_ptr, sb_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok,
+                              HAS_WEIGHTS, U, True, RANGED, INT8, Z)
         else:
-            acc = _fwd_gather(acc, s3, array_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok, HAS_WEIGHTS,
-                              U, False, RANGED)
+            acc = _fwd_gather(acc, s3, array_ptr, sb_ptr, weights_ptr, start, length, i, m, lo, hi, k, elem_ok,
+                              HAS_WEIGHTS, U, False, RANGED, INT8, Z)
         return acc
 
     @triton.jit
@@ -201,11 +213,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["m", "lo", "hi"], do_not_specialize_on_alignment=["row_stride"])
     def pooled_bags_kernel(
-        array_ptr, indices_ptr, offsets_ptr, keys_ptr, mean_ptr, weights_ptr, gout_ptr, out_ptr, rank_ptr,
+        array_ptr, indices_ptr, offsets_ptr, keys_ptr, mean_ptr, weights_ptr, gout_ptr, out_ptr, rank_ptr, sb_ptr,
         B, m, row_stride, lo, hi,
         MODE: tl.constexpr,  # a BagMode
         HAS_WEIGHTS: tl.constexpr,
         RANGED: tl.constexpr,  # FORWARD only: array_ptr holds global elements [lo, hi) (a row-wise shard)
+        INT8: tl.constexpr,  # FORWARD only: array_ptr is uint8 codes, sb_ptr [ceil(m/Z), 2] float32 (scale, bias)
         DIM: tl.constexpr, Z: tl.constexpr, NB_PAD: tl.constexpr, Z_PAD: tl.constexpr,
         BLOCK_BAGS: tl.constexpr, UNROLL: tl.constexpr, OFF32: tl.constexpr, MARK_LOAD_FIRST: tl.constexpr,
     ):
@@ -252,11 +265,11 @@ if triton is not None:
             if MODE == _FORWARD:
                 acc = tl.full([BLOCK_BAGS, NB_PAD, Z_PAD], 0.0, tl.float32)
                 for i in range(0, n_main, UNROLL):
-                    acc = _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m,
-                                     lo, hi, k, elem_ok, HAS_WEIGHTS, UNROLL, OFF32, Z, RANGED)
+                    acc = _fwd_steps(acc, array_ptr, sb_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m,
+                                     inv_m, lo, hi, k, elem_ok, HAS_WEIGHTS, UNROLL, OFF32, Z, RANGED, INT8)
                 for i in range(n_main, max_len):
-                    acc = _fwd_steps(acc, array_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m, inv_m,
-                                     lo, hi, k, elem_ok, HAS_WEIGHTS, 1, OFF32, Z, RANGED)
+                    acc = _fwd_steps(acc, array_ptr, sb_ptr, indices_ptr, weights_ptr, start, length, i, p0, p1, m,
+                                     inv_m, lo, hi, k, elem_ok, HAS_WEIGHTS, 1, OFF32, Z, RANGED, INT8)
                 tl.store(out_ptr + out_off, acc * scale[:, None, None], mask=tile_ok)
             else:
                 g = tl.load(gout_ptr + out_off, mask=tile_ok, other=0.0) * scale[:, None, None]
@@ -277,6 +290,7 @@ def launch_bags(
     array: Optional[torch.Tensor] = None,
     gout: Optional[torch.Tensor] = None,
     rank: Optional[torch.Tensor] = None,
+    scale_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of :func:`pooled_bags_kernel` over all features (grid (cdiv(B, block_bags), F)).
 
@@ -285,7 +299,8 @@ def launch_bags(
     (grad_out) in the gradient modes, ``rank`` (inclusive prefix count of the chunk map) in
     COMPACT_GRAD mode. In FORWARD mode with ``batch.element_range`` (lo, hi), ``array`` holds only
     the global elements [lo, hi) and the others count as 0; the gradient modes ignore the range
-    (they work in global chunks: ``launch`` restricts their result to a shard).
+    (they work in global chunks: ``launch`` restricts their result to a shard). With ``scale_bias``
+    (FORWARD only), ``array`` holds uint8 codes of FBGEMM's row-wise int8 scheme (serving).
     """
     b, f, dim, z, m = batch.batch_size, batch.num_features, batch.dim, batch.block_size, batch.num_elements
     # a tuning hint only: with a window of offsets, indices may also hold other features' ids
@@ -297,12 +312,16 @@ def launch_bags(
     weights = batch.weights if mode != BagMode.MARK_CHUNKS else None
     ranged = mode == BagMode.FORWARD and batch.element_range is not None
     lo, hi = batch.element_range if ranged else (0, m)
+    int8 = scale_bias is not None
+    if int8 and (mode != BagMode.FORWARD or ranged):
+        raise ValueError("int8 arrays are read by the unranged forward only")
     pooled_bags_kernel[grid](
         array if array is not None else dummy, batch.indices, batch.offsets, batch.hash_keys,
         batch.mean.view(torch.int8), weights if weights is not None else dummy,
         gout if gout is not None else dummy, out, rank if rank is not None else batch.offsets,
+        scale_bias if int8 else dummy,
         b, m, f * dim, int(lo), int(hi),
-        MODE=int(mode), HAS_WEIGHTS=weights is not None, RANGED=ranged,
+        MODE=int(mode), HAS_WEIGHTS=weights is not None, RANGED=ranged, INT8=int8,
         DIM=dim, Z=z, NB_PAD=next_pow2(dim // z), Z_PAD=next_pow2(z),
         BLOCK_BAGS=block_bags, UNROLL=cfg.unroll, OFF32=m + z < 2**31,
         MARK_LOAD_FIRST=mode == BagMode.MARK_CHUNKS and tuning.MARK_LOAD_FIRST,

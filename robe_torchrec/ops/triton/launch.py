@@ -171,6 +171,31 @@ def pooled_forward(array: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     return out
 
 
+def pooled_forward_stored(data: torch.Tensor, scale_bias: Optional[torch.Tensor], batch: LookupBatch) -> torch.Tensor:
+    """Forward on a serving array (``robe_torchrec.ops.stored_lookup``): float32 / bfloat16 /
+    float16 ``data [m]``, or uint8 codes with ``scale_bias [ceil(m/Z), 2]`` float32 (FBGEMM's
+    row-wise int8 on the ``[ceil(m/Z), Z]`` view). Pooled ``[B, F*dim]`` float32, summed in float32
+    in the order of :func:`pooled_forward`."""
+    if scale_bias is None:
+        return pooled_forward(data, batch)
+    if data.dtype != torch.uint8 or data.dim() != 1 or not data.is_contiguous():
+        raise TypeError(f"an int8 array is a contiguous 1-D uint8 tensor of codes, got {data.dtype} {tuple(data.shape)}")
+    if data.numel() != batch.num_elements or batch.element_range is not None:
+        raise ValueError(f"int8 array has {data.numel()} codes, the batch's num_elements is {batch.num_elements} (no element_range)")
+    rows = -(-batch.num_elements // batch.block_size)
+    check_dtype(scale_bias, "scale_bias", torch.float32)
+    if tuple(scale_bias.shape) != (rows, 2):
+        raise ValueError(f"scale_bias must have shape [{rows}, 2] (one (scale, bias) per Z-element row), got {tuple(scale_bias.shape)}")
+    device = data.device
+    check_device(scale_bias, "scale_bias", device)
+    b = _prepare(device, batch)
+    out = torch.empty(b.batch_size, b.num_features * b.dim, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
+    launch_bags("forward", BagMode.FORWARD, b, out, array=data, scale_bias=scale_bias.contiguous())
+    return out
+
+
 def pooled_backward_dense(grad_out: torch.Tensor, batch: LookupBatch) -> torch.Tensor:
     """Kernel API backward (non-fused): the dense gradient ``[m]`` of sum(pooled * grad_out).
 

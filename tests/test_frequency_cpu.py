@@ -91,17 +91,25 @@ def test_update_many_rejects_bad_input():
                                                torch.tensor([0]), bufs)
 
 
-def test_hot_pooled_forward_and_grad_match_index_add():
+def test_hot_pooled_add_and_grad_match_index_add():
+    """Reference: the module's torch path (index_add_ into zeros, KeyedTensor transpose, + cold)."""
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(50, 16, generator=g)
-    n, bags = 4000, 300
+    n, batch, features = 4000, 30, 10
     slots = torch.randint(0, 50, (n,), generator=g)
-    bag = torch.randint(0, bags, (n,), generator=g)
+    bag = torch.sort(torch.randint(0, batch * features, (n,), generator=g)).values
     w = torch.rand(n, generator=g)
-    ref = torch.zeros(bags, 16).index_add_(0, bag, rows[slots] * w.unsqueeze(1))
-    assert torch.equal(frequency_cpu.hot_pooled_forward(rows, slots, bag, w, bags), ref)
-    grad = torch.randn(bags, 16, generator=g)
-    ref_g = torch.zeros(50, 16).index_add_(0, slots, grad[bag] * w.unsqueeze(1))
-    assert torch.equal(frequency_cpu.hot_pooled_grad(grad, slots, bag, w, 50), ref_g)
+    cold = torch.randn(batch, features * 16, generator=g)
+    pooled = torch.zeros(batch * features, 16).index_add_(0, bag, rows[slots] * w.unsqueeze(1))
+    ref = cold + pooled.view(features, batch, 16).transpose(0, 1).reshape(batch, -1)
+    out = cold.clone()
+    frequency_cpu.hot_pooled_add_(out, rows, slots, bag, w, batch)
+    assert torch.equal(out, ref)
+    grad = torch.randn(batch, features * 16, generator=g)
+    bags_grad = grad.view(batch, features, 16).transpose(0, 1).reshape(-1, 16)
+    ref_g = torch.zeros(50, 16).index_add_(0, slots, bags_grad[bag] * w.unsqueeze(1))
+    assert torch.equal(frequency_cpu.hot_pooled_grad(grad, slots, bag, w, 50, 16, batch), ref_g)
     with pytest.raises(RuntimeError, match="out of range"):
-        frequency_cpu.hot_pooled_forward(rows, slots + 50, bag, w, bags)
+        frequency_cpu.hot_pooled_add_(out, rows, slots + 50, bag, w, batch)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        frequency_cpu.hot_pooled_add_(out, rows, slots, bag.flip(0), w, batch)

@@ -279,16 +279,19 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             array, cold_ids, cold_offsets, robe._layouts[DEFAULT_GROUP], robe._keys_for(DEFAULT_GROUP), batch,
             cold_w, kernel=robe.kernel, fused_optimizer=args,
         )
+        keys, lengths = robe._embedding_names, robe._lengths_per_embedding
+        if fast:  # hot rows added into ROBE's output in place (no [F*B, D] temporaries)
+            hot_args = None if args is None else OptimizerArgs(kind=args.kind, state=self.hot_state, lr=args.lr, eps=args.eps)
+            values = _HotPooledAddFast.apply(cold, self.hot_rows, h_slots, h_bag, h_w, batch, hot_args)
+            return KeyedTensor(keys=keys, length_per_key=lengths, values=values)
         if args is None:
             picked = self.hot_rows.index_select(0, h_slots) * h_w.unsqueeze(1)
             bags = torch.zeros(num_bags, self._dim, device=ids.device, dtype=picked.dtype).index_add(0, h_bag, picked)
         else:
             hot_args = OptimizerArgs(kind=args.kind, state=self.hot_state, lr=args.lr, eps=args.eps)
-            bags = _HotPooledFused.apply(self.hot_rows, h_slots, h_bag, h_w, num_bags, hot_args, fast)
+            bags = _HotPooledFused.apply(self.hot_rows, h_slots, h_bag, h_w, num_bags, hot_args)
         pooled_hot = bags.view(num_features, batch, self._dim).transpose(0, 1).reshape(batch, -1)
-        return KeyedTensor(
-            keys=robe._embedding_names, length_per_key=robe._lengths_per_embedding, values=cold + pooled_hot
-        )
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=cold + pooled_hot)
 
     def _fast_ops(self, ids: torch.Tensor) -> bool:
         """Whether this call uses the C++ bookkeeping (CPU, ``cpu_ops``, float32 rows, built)."""
@@ -521,28 +524,46 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
 class _HotPooledFused(torch.autograd.Function):
     """Pooled gather of the hot ids' rows (``bags[bag_i] += w_i * rows[slot_i]``) whose backward
     applies the fused optimizer rule to the rows in place (their dense gradient is small: slots x D),
-    leaving no gradient. ``fast``: the gather and the gradient by ``frequency_cpu`` (same sums in
-    the same order, no [n, D] temporaries)."""
+    leaving no gradient."""
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, slots: torch.Tensor, bags: torch.Tensor,  # type: ignore[override]
-                weights: torch.Tensor, num_bags: int, optimizer: OptimizerArgs, fast: bool = False) -> torch.Tensor:
-        if fast:
-            out = frequency_cpu.hot_pooled_forward(rows, slots, bags, weights, num_bags)
-        else:
-            out = torch.zeros(num_bags, rows.shape[1], dtype=rows.dtype, device=rows.device)
-            out.index_add_(0, bags, rows.detach()[slots] * weights.unsqueeze(1))
-        ctx.meta = (rows, slots, bags, weights, optimizer, fast)
+                weights: torch.Tensor, num_bags: int, optimizer: OptimizerArgs) -> torch.Tensor:
+        out = torch.zeros(num_bags, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        out.index_add_(0, bags, rows.detach()[slots] * weights.unsqueeze(1))
+        ctx.meta = (rows, slots, bags, weights, optimizer)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        rows, slots, bags, weights, optimizer, fast = ctx.meta
-        if fast:
-            g = frequency_cpu.hot_pooled_grad(grad_out, slots, bags, weights, rows.shape[0])
-        else:
-            g = torch.zeros_like(rows.data)
-            g.index_add_(0, slots, grad_out[bags] * weights.unsqueeze(1))
+        rows, slots, bags, weights, optimizer = ctx.meta
+        g = torch.zeros_like(rows.data)
+        g.index_add_(0, slots, grad_out[bags] * weights.unsqueeze(1))
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(rows.data.view(-1), optimizer.state, g.view(-1), optimizer.kind, lr, eps, rows.shape[1])
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None
+
+
+class _HotPooledAddFast(torch.autograd.Function):
+    """CPU fast path of the hot gather: ``cold [B, F*D] += pooled hot rows`` in place (the same
+    float32 sums as ``_HotPooledFused`` / the index_select path, then ``cold + pooled``). Backward:
+    the cold output's gradient passes through; the rows' dense gradient is returned (no optimizer)
+    or stepped into them in place with the fused rule (``optimizer``)."""
+
+    @staticmethod
+    def forward(ctx: Any, cold: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,  # type: ignore[override]
+                bags: torch.Tensor, weights: torch.Tensor, batch: int, optimizer: Optional[OptimizerArgs]) -> torch.Tensor:
+        frequency_cpu.hot_pooled_add_(cold, rows, slots, bags, weights, batch)
+        ctx.mark_dirty(cold)
+        ctx.meta = (rows, slots, bags, weights, batch, optimizer)
+        return cold
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        rows, slots, bags, weights, batch, optimizer = ctx.meta
+        g = frequency_cpu.hot_pooled_grad(grad_out, slots, bags, weights, rows.shape[0], rows.shape[1], batch)
+        if optimizer is None:
+            return grad_out, g, None, None, None, None, None
+        lr, eps = optimizer.hyper()
+        apply_optimizer_dense(rows.data.view(-1), optimizer.state, g.view(-1), optimizer.kind, lr, eps, rows.shape[1])
+        return grad_out, None, None, None, None, None, None

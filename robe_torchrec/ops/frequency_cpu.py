@@ -17,7 +17,7 @@ import torch
 from robe_torchrec.ops.jit_extension import JitExtension
 
 EXTENSION = JitExtension(
-    name="robe_torchrec_frequency_cpu_v1",
+    name="robe_torchrec_frequency_cpu_v2",
     sources=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "frequency_cpu.cpp")],
     what="the frequency-aware CPU ops",
     fallback="the frequency-aware module then uses its torch path",
@@ -62,13 +62,16 @@ def hot_cold_split(ids: torch.Tensor, offsets: torch.Tensor, batch: int, feature
     return out[0], out[1], out[2], out[3], out[4], out[5]
 
 
-def hot_pooled_forward(rows: torch.Tensor, slots: torch.Tensor, bags: torch.Tensor, weights: torch.Tensor,
-                       num_bags: int) -> torch.Tensor:
-    """``zeros(num_bags, D).index_add_(0, bags, rows[slots] * weights[:, None])`` without temporaries."""
-    return EXTENSION.load().hot_pooled_forward(rows.detach().contiguous(), slots, bags, weights, int(num_bags))
+def hot_pooled_add_(out: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, bags: torch.Tensor,
+                    weights: torch.Tensor, batch: int) -> None:
+    """``out += pooled`` in place, ``out`` ``[B, F*D]`` (bag ``f*B + b`` is ``out[b, f*D:(f+1)*D]``),
+    ``pooled[bag] = zeros(D).index_add_(0, ..., rows[slots] * weights[:, None])`` over the bag's
+    entries in order; ``bags`` non-decreasing. The torch path's (index_add_, transpose, +) sums."""
+    EXTENSION.load().hot_pooled_add_(out, rows.detach().contiguous(), slots, bags, weights, int(batch))
 
 
 def hot_pooled_grad(grad_out: torch.Tensor, slots: torch.Tensor, bags: torch.Tensor, weights: torch.Tensor,
-                    num_slots: int) -> torch.Tensor:
-    """``zeros(num_slots, D).index_add_(0, slots, grad_out[bags] * weights[:, None])``, same order."""
-    return EXTENSION.load().hot_pooled_grad(grad_out.contiguous(), slots, bags, weights, int(num_slots))
+                    num_slots: int, dim: int, batch: int) -> torch.Tensor:
+    """Gradient ``[num_slots, dim]`` of the rows in :func:`hot_pooled_add_`:
+    ``zeros.index_add_(0, slots, grad_out_bags[bags] * weights[:, None])``, same order."""
+    return EXTENSION.load().hot_pooled_grad(grad_out, slots, bags, weights, int(num_slots), int(dim), int(batch))

@@ -9,8 +9,9 @@
 // * hot_cold_split: one pass over the batch: per id, is it in its table's sorted hot ids? Cold
 //   ids go to (ids, offsets, weights) for ROBE's kernels, hot ids to (slot, bag, weight) lists;
 //   MEAN weights computed with the float32 operations of the module's torch path.
-// * hot_pooled_forward / hot_pooled_grad: the pooled gather of hot rows and its dense gradient,
-//   summed in the order index_add_ sums (id order), without the [n, D] temporaries.
+// * hot_pooled_add_ / hot_pooled_grad: the pooled gather of hot rows added into the ROBE output
+//   in place, and its dense gradient, summed in the order index_add_ sums (id order), without the
+//   [n, D] / [F*B, D] temporaries (at batch 2048 each is megabytes of fresh pages per step).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -250,10 +251,16 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
   const bool cold_weighted = weighted || any_mean;
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
-  std::vector<int64_t> c_ids, h_slot, h_bag;
-  std::vector<float> c_w, h_w;
-  c_ids.reserve(N);
-  if (cold_weighted) c_w.reserve(N);
+  // written in place and narrowed at the end: no second copy of per-id lists
+  torch::Tensor cold_ids = torch::empty({N}, i64), hot_slot = torch::empty({N}, i64), hot_bag = torch::empty({N}, i64);
+  torch::Tensor hot_w = torch::empty({N}, f32);
+  torch::Tensor cold_w = cold_weighted ? torch::empty({N}, f32) : torch::Tensor();
+  int64_t* c_ids = cold_ids.data_ptr<int64_t>();
+  int64_t* h_slot = hot_slot.data_ptr<int64_t>();
+  int64_t* h_bag = hot_bag.data_ptr<int64_t>();
+  float* h_w = hot_w.data_ptr<float>();
+  float* c_w = cold_weighted ? cold_w.data_ptr<float>() : nullptr;
+  int64_t nc = 0, nh = 0;
   torch::Tensor cold_offsets = torch::empty({F * batch + 1}, i64);
   int64_t* co = cold_offsets.data_ptr<int64_t>();
   co[0] = 0;
@@ -274,11 +281,11 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
           const int64_t* p = std::lower_bound(tid, tid + n_hot, id[j]);
           if (p != tid + n_hot && *p == id[j]) {
             is_hot[j - lo] = 1;
-            h_slot.push_back(static_cast<int64_t>(tsl[p - tid]));
-            h_bag.push_back(bb);
+            h_slot[nh] = static_cast<int64_t>(tsl[p - tid]);
+            h_bag[nh] = bb;
             float hw = w ? w[j] : 1.0f;
             if (fm[f]) hw = hw * (1.0f / static_cast<float>(len));  // torch: h_w * reciprocal(len)
-            h_w.push_back(hw);
+            h_w[nh++] = hw;
             continue;
           }
         }
@@ -288,24 +295,14 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
       const float scale = fm[f] ? static_cast<float>(cold_len) / static_cast<float>(std::max<int64_t>(len, 1)) : 1.0f;
       for (int64_t j = lo; j < hi; ++j) {
         if (is_hot[j - lo]) continue;
-        c_ids.push_back(id[j]);
-        if (cold_weighted) c_w.push_back(w ? (fm[f] ? w[j] * scale : w[j]) : scale);
+        if (cold_weighted) c_w[nc] = w ? (fm[f] ? w[j] * scale : w[j]) : scale;
+        c_ids[nc++] = id[j];
       }
       co[bb + 1] = co[bb] + cold_len;
     }
   }
-  auto to_tensor_i64 = [&](const std::vector<int64_t>& v) {
-    torch::Tensor t = torch::empty({static_cast<int64_t>(v.size())}, i64);
-    if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
-    return t;
-  };
-  auto to_tensor_f32 = [&](const std::vector<float>& v) {
-    torch::Tensor t = torch::empty({static_cast<int64_t>(v.size())}, f32);
-    if (!v.empty()) std::memcpy(t.data_ptr<float>(), v.data(), v.size() * sizeof(float));
-    return t;
-  };
-  torch::Tensor cold_w = cold_weighted ? to_tensor_f32(c_w) : torch::Tensor();
-  return {to_tensor_i64(c_ids), cold_offsets, cold_w, to_tensor_i64(h_slot), to_tensor_i64(h_bag), to_tensor_f32(h_w)};
+  return {cold_ids.narrow(0, 0, nc), cold_offsets, cold_weighted ? cold_w.narrow(0, 0, nc) : torch::Tensor(),
+          hot_slot.narrow(0, 0, nh), hot_bag.narrow(0, 0, nh), hot_w.narrow(0, 0, nh)};
 }
 
 namespace {
@@ -317,48 +314,66 @@ void check_hot_lists(const torch::Tensor& slots, const torch::Tensor& bags, cons
 }
 }  // namespace
 
-// out [num_bags, D]: out[bags[i]] += rows[slots[i]] * weights[i], in i order (as index_add_).
-torch::Tensor hot_pooled_forward(const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& bags,
-                                 const torch::Tensor& weights, int64_t num_bags) {
+// out [B, F*D] (the KeyedTensor layout; bag f*B + b is out[b, f*D:(f+1)*D]), in place:
+// out[bag] += sum over i with bags[i] == bag, in i order, of rows[slots[i]] * weights[i] (the sum
+// starts at 0, as index_add_ into zeros, and is added to out once). bags must be non-decreasing.
+void hot_pooled_add_(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& bags,
+                     const torch::Tensor& weights, int64_t batch) {
   check_cpu(rows, torch::kFloat32, "rows");
-  TORCH_CHECK(rows.dim() == 2, "rows must be [slots, D]");
+  check_cpu(out, torch::kFloat32, "out");
+  TORCH_CHECK(rows.dim() == 2 && out.dim() == 2, "rows must be [slots, D] and out [B, F*D]");
   check_hot_lists(slots, bags, weights);
   const int64_t D = rows.size(1), R = rows.size(0), n = slots.numel();
-  torch::Tensor out = torch::zeros({num_bags, D}, rows.options());
+  TORCH_CHECK(batch >= 1 || n == 0, "batch must be >= 1");
+  TORCH_CHECK(n == 0 || (out.size(0) == batch && out.size(1) % D == 0), "out must be [batch, F*D]");
+  const int64_t num_bags = n ? batch * (out.size(1) / D) : 0;
   const float* r = rows.data_ptr<float>();
   const int64_t* s = slots.data_ptr<int64_t>();
   const int64_t* b = bags.data_ptr<int64_t>();
   const float* w = weights.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(s[i] >= 0 && s[i] < R && b[i] >= 0 && b[i] < num_bags, "hot slot or bag out of range");
-    const float* src = r + s[i] * D;
-    float* dst = o + b[i] * D;
-    const float wi = w[i];
-    for (int64_t d = 0; d < D; ++d) dst[d] += src[d] * wi;
+  std::vector<float> acc(static_cast<size_t>(D));
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t bag = b[i];
+    TORCH_CHECK(bag >= 0 && bag < num_bags, "hot bag ", bag, " out of range");
+    TORCH_CHECK(i == 0 || bag > b[i - 1], "hot bags must be non-decreasing");
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (; i < n && b[i] == bag; ++i) {
+      TORCH_CHECK(s[i] >= 0 && s[i] < R, "hot slot ", s[i], " out of range");
+      const float* src = r + s[i] * D;
+      const float wi = w[i];
+      for (int64_t d = 0; d < D; ++d) acc[d] += src[d] * wi;
+    }
+    float* dst = o + (bag % batch) * out.size(1) + (bag / batch) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += acc[d];
   }
-  return out;
 }
 
-// grad [num_slots, D]: grad[slots[i]] += grad_out[bags[i]] * weights[i], in i order (as index_add_).
+// grad [num_slots, D]: grad[slots[i]] += grad_out[bag i] * weights[i], in i order (as index_add_),
+// grad_out [B, F*D] in the KeyedTensor layout of hot_pooled_add_.
 torch::Tensor hot_pooled_grad(const torch::Tensor& grad_out, const torch::Tensor& slots, const torch::Tensor& bags,
-                              const torch::Tensor& weights, int64_t num_slots) {
-  check_cpu(grad_out, torch::kFloat32, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 2, "grad_out must be [bags, D]");
+                              const torch::Tensor& weights, int64_t num_slots, int64_t dim, int64_t batch) {
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == torch::kFloat32 && grad_out.dim() == 2,
+              "grad_out must be a CPU float32 [B, F*D] tensor");
   check_hot_lists(slots, bags, weights);
-  const int64_t D = grad_out.size(1), B = grad_out.size(0), n = slots.numel();
-  torch::Tensor g = torch::zeros({num_slots, D}, grad_out.options());
+  const int64_t n = slots.numel();
+  TORCH_CHECK(dim >= 1 && grad_out.size(1) % dim == 0, "grad_out's width must be a multiple of dim");
+  TORCH_CHECK(n == 0 || grad_out.size(0) == batch, "grad_out must have batch rows");
+  const int64_t num_bags = batch * (grad_out.size(1) / dim);
+  torch::Tensor g = torch::zeros({num_slots, dim}, grad_out.options());
   const float* go = grad_out.data_ptr<float>();
+  const int64_t rs = grad_out.stride(0), cs = grad_out.stride(1);
   const int64_t* s = slots.data_ptr<int64_t>();
   const int64_t* b = bags.data_ptr<int64_t>();
   const float* w = weights.data_ptr<float>();
   float* gp = g.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(s[i] >= 0 && s[i] < num_slots && b[i] >= 0 && b[i] < B, "hot slot or bag out of range");
-    const float* src = go + b[i] * D;
-    float* dst = gp + s[i] * D;
+    TORCH_CHECK(s[i] >= 0 && s[i] < num_slots && b[i] >= 0 && b[i] < num_bags, "hot slot or bag out of range");
+    const float* src = go + (b[i] % batch) * rs + (b[i] / batch) * dim * cs;
+    float* dst = gp + s[i] * dim;
     const float wi = w[i];
-    for (int64_t d = 0; d < D; ++d) dst[d] += src[d] * wi;
+    for (int64_t d = 0; d < dim; ++d) dst[d] += src[d * cs] * wi;
   }
   return g;
 }
@@ -366,6 +381,6 @@ torch::Tensor hot_pooled_grad(const torch::Tensor& grad_out, const torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("space_saving_update_many", &space_saving_update_many, "SpaceSavingSketch.update of many sketches");
   m.def("hot_cold_split", &hot_cold_split, "split a batch into cold (ROBE) and hot (row) lookups");
-  m.def("hot_pooled_forward", &hot_pooled_forward, "pooled gather of hot rows");
+  m.def("hot_pooled_add_", &hot_pooled_add_, "add the pooled hot rows into the output, in place");
   m.def("hot_pooled_grad", &hot_pooled_grad, "dense gradient of the hot rows");
 }

@@ -264,7 +264,6 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
   torch::Tensor cold_offsets = torch::empty({F * batch + 1}, i64);
   int64_t* co = cold_offsets.data_ptr<int64_t>();
   co[0] = 0;
-  std::vector<uint8_t> is_hot;
   for (int64_t f = 0; f < F; ++f) {
     const int64_t t = ft[f];
     const int64_t n_hot = t >= 0 ? ts[t] : 0;
@@ -274,29 +273,27 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
       const int64_t lo = off[bb], hi = off[bb + 1];
       TORCH_CHECK(lo <= hi, "offsets must be non-decreasing");
       const int64_t len = hi - lo;
-      is_hot.assign(static_cast<size_t>(len), 0);
-      int64_t cold_len = 0;
+      const int64_t c0 = nc, h0 = nh;
+      // cold ids are written as found (weights below, once the bag's cold length is known)
       for (int64_t j = lo; j < hi; ++j) {
         if (n_hot) {
           const int64_t* p = std::lower_bound(tid, tid + n_hot, id[j]);
           if (p != tid + n_hot && *p == id[j]) {
-            is_hot[j - lo] = 1;
             h_slot[nh] = static_cast<int64_t>(tsl[p - tid]);
             h_bag[nh] = bb;
-            float hw = w ? w[j] : 1.0f;
-            if (fm[f]) hw = hw * (1.0f / static_cast<float>(len));  // torch: h_w * reciprocal(len)
-            h_w[nh++] = hw;
+            h_w[nh++] = w ? w[j] : 1.0f;
             continue;
           }
         }
-        ++cold_len;
-      }
-      // MEAN bags keep dividing by their full length: cold ids weigh cold_len / len
-      const float scale = fm[f] ? static_cast<float>(cold_len) / static_cast<float>(std::max<int64_t>(len, 1)) : 1.0f;
-      for (int64_t j = lo; j < hi; ++j) {
-        if (is_hot[j - lo]) continue;
-        if (cold_weighted) c_w[nc] = w ? (fm[f] ? w[j] * scale : w[j]) : scale;
+        if (cold_weighted) c_w[nc] = w ? w[j] : 1.0f;
         c_ids[nc++] = id[j];
+      }
+      const int64_t cold_len = nc - c0;
+      if (fm[f]) {  // MEAN bags keep dividing by their full length: cold ids weigh cold_len / len
+        const float scale = static_cast<float>(cold_len) / static_cast<float>(std::max<int64_t>(len, 1));
+        for (int64_t k = c0; k < nc; ++k) c_w[k] = w ? c_w[k] * scale : scale;
+        const float inv = 1.0f / static_cast<float>(len);  // torch: h_w * reciprocal(len)
+        for (int64_t k = h0; k < nh; ++k) h_w[k] = h_w[k] * inv;
       }
       co[bb + 1] = co[bb] + cold_len;
     }

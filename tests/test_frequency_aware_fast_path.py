@@ -81,3 +81,31 @@ def test_fast_path_weighted_and_observe_ids():
                 out.sum().backward()
             assert torch.equal(outs[0], outs[1]), (pooling, step)
             _state_equal(fast, slow)
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_split_matches_torch_split_with_tables_without_hot_ids(pooling, weighted):
+    """hot_cold_split against the module's torch split, one table's hot set emptied, empty bags."""
+    m = _module(pooling=pooling, fused=RobeFusedOptimizerConfig("adagrad", lr=0.05), refresh=2)
+    rng = np.random.default_rng(3)
+    m.train()
+    for _ in range(4):
+        m(_batch(rng, b=16, max_len=3)).values().sum().backward()
+    m.hot_size[0] = 0
+    assert int(m.hot_size[1:].sum()) > 0
+    kjt = _batch(rng, b=16, max_len=3)
+    ids, offsets = kjt.values(), kjt.offsets().to(torch.int64)
+    weights = torch.from_numpy(rng.uniform(0.1, 2, size=ids.numel()).astype(np.float32)) if weighted else None
+    bounds = offsets[::16].tolist()
+    ref = m._split_batch(ids, offsets, bounds, weights, 16)
+    got = frequency_cpu.hot_cold_split(ids, offsets, 16, m._feature_hot, m.hot_ids, m.hot_slots, m._hot_base,
+                                       m.hot_size, m._feature_mean, weights)
+    for r, g in zip(ref, got):
+        assert (r is None) == (g is None)
+        if r is not None:
+            assert r.dtype == g.dtype and torch.equal(r, g)
+    assert got[3].numel() > 0 and got[0].numel() > 0
+    with pytest.raises(RuntimeError, match="offsets"):
+        frequency_cpu.hot_cold_split(ids, offsets[:-1], 16, m._feature_hot, m.hot_ids, m.hot_slots, m._hot_base,
+                                     m.hot_size, m._feature_mean, weights)

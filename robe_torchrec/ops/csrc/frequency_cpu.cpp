@@ -32,36 +32,50 @@ inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser: a good spread for 
 
 // Open-addressing map int64 id -> candidate index, reused across sketches of one call.
 struct IdMap {
-  std::vector<int64_t> keys;
-  std::vector<int32_t> vals;  // -1: empty
+  struct Slot {
+    int64_t key;
+    int32_t val;  // -1: empty
+  };
+  std::vector<Slot> slots;  // key and value side by side: one cache line per probe
   uint64_t mask = 0;
 
   void reset(size_t expected) {
     size_t cap = 16;
     while (cap < 2 * expected) cap <<= 1;
-    keys.resize(cap);
-    vals.assign(cap, -1);
+    slots.assign(cap, Slot{0, -1});
     mask = cap - 1;
   }
   // Index of id, inserting `fresh` if absent; sets inserted.
   int32_t find_or_insert(int64_t id, int32_t fresh, bool& inserted) {
     uint64_t h = mix64(static_cast<uint64_t>(id)) & mask;
     while (true) {
-      int32_t v = vals[h];
-      if (v < 0) {
-        keys[h] = id;
-        vals[h] = fresh;
+      Slot& sl = slots[h];
+      if (sl.val < 0) {
+        sl.key = id;
+        sl.val = fresh;
         inserted = true;
         return fresh;
       }
-      if (keys[h] == id) {
+      if (sl.key == id) {
         inserted = false;
-        return v;
+        return sl.val;
       }
       h = (h + 1) & mask;
     }
   }
 };
+
+// Index of the last element <= x in sorted a[0:n] (n >= 1; 0 if every element is > x). Branch-free
+// halving (compiles to conditional moves): the hot-id search is per id, on mostly random ids.
+inline int64_t last_not_above(const int64_t* a, int64_t n, int64_t x) {
+  const int64_t* base = a;
+  while (n > 1) {
+    const int64_t half = n / 2;
+    base = (base[half] <= x) ? base + half : base;
+    n -= half;
+  }
+  return base - a;
+}
 
 void check_cpu(const torch::Tensor& t, torch::ScalarType dtype, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
@@ -277,9 +291,9 @@ std::vector<torch::Tensor> hot_cold_split(const torch::Tensor& ids, const torch:
       // cold ids are written as found (weights below, once the bag's cold length is known)
       for (int64_t j = lo; j < hi; ++j) {
         if (n_hot) {
-          const int64_t* p = std::lower_bound(tid, tid + n_hot, id[j]);
-          if (p != tid + n_hot && *p == id[j]) {
-            h_slot[nh] = static_cast<int64_t>(tsl[p - tid]);
+          const int64_t p = last_not_above(tid, n_hot, id[j]);
+          if (tid[p] == id[j]) {
+            h_slot[nh] = static_cast<int64_t>(tsl[p]);
             h_bag[nh] = bb;
             h_w[nh++] = w ? w[j] : 1.0f;
             continue;

@@ -58,6 +58,7 @@ from robe_torchrec.modules.frequency_aware_plan import (
 )
 from robe_torchrec.modules.heavy_hitters import SpaceSavingSketch
 from robe_torchrec.modules.robe_embedding_bag_collection import DEFAULT_GROUP, RobeEmbeddingBagCollection, _offsets_of
+from robe_torchrec.ops import frequency_cpu
 from robe_torchrec.ops.api import OptimizerArgs, OptimizerKind, state_numel
 from robe_torchrec.ops.lookup import robe_pooled_lookup
 from robe_torchrec.ops.reference import apply_optimizer_dense
@@ -78,6 +79,9 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         block_size, seed, init_range: of the ROBE array (see RobeConfig).
         config: refresh cadence, threshold, hysteresis, decay (FrequencyAwareConfig).
         is_weighted, device, kernel, fused_optimizer: as RobeEmbeddingBagCollection.
+        cpu_ops: on CPU, do the per-step bookkeeping (sketch updates, hot/cold split, hot gather)
+            with the C++ ops of ``robe_torchrec.ops.frequency_cpu`` when they build: same results
+            bit for bit, several times faster. False: always the torch path (the reference).
     """
 
     def __init__(
@@ -93,8 +97,10 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         device: Optional[Union[str, torch.device]] = None,
         kernel: str = "auto",
         fused_optimizer: Optional[RobeFusedOptimizerConfig] = None,
+        cpu_ops: bool = True,
     ) -> None:
         super().__init__()
+        self._cpu_ops = bool(cpu_ops)
         self._config = config or FrequencyAwareConfig()
         dims = {t.embedding_dim for t in tables}
         if len(dims) != 1:
@@ -134,6 +140,15 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         self._table_of_feature = [self._table_by_feature(tables)[f] for f in self.robe._input_features]
         self._keys = {n: table_key(seed, n) for n in self._hot_tables}
         self._any_mean = any(t.pooling == PoolingType.MEAN for t in tables)
+        # per input feature, fixed for the module's life: MEAN or not, and its hot table's index
+        # (-1: none) in _hot_tables order (= the sketches' order and hot_size's)
+        by_name = {t.name: t for t in tables}
+        hot_index = {n: i for i, n in enumerate(self._hot_tables)}
+        self._feature_mean = torch.tensor([by_name[n].pooling == PoolingType.MEAN for n in self._table_of_feature],
+                                          dtype=torch.bool)
+        self._feature_hot = torch.tensor([hot_index.get(n, -1) for n in self._table_of_feature], dtype=torch.int64)
+        self._hot_base = torch.tensor([self._base[n] for n in self._hot_tables], dtype=torch.int64)
+        self._mean_masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         if total:
             self.hot_rows = nn.Parameter(torch.zeros(total, self._dim, device=dev))
             self.register_buffer("hot_ids", torch.full((total,), _NO_ID, dtype=torch.int64, device=dev))
@@ -242,9 +257,9 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         offsets = _offsets_of(features)
         num_features = len(self._table_of_feature)
         bounds = offsets[:: batch].tolist() if batch else [0] * (num_features + 1)
+        fast = self._fast_ops(ids)
         if observe:
             self._observe(ids, bounds)
-        slots, hot = self._lookup_slots(ids, bounds)
         weights = features.weights_or_none() if self.robe.is_weighted() else None
         robe = self.robe
         fused = robe._fused_optimizer
@@ -252,21 +267,23 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         if fused is not None:
             fused.ensure_bound(robe._named_arrays())
         args = None if fused is None else fused.kernel_args(array)
-        lengths = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
-                                      output_size=ids.numel())
-        cold_ids, cold_offsets, cold_w = self._cold_batch(ids, lengths, bag, hot, weights, batch)
+        num_bags = offsets.numel() - 1
+        if fast:  # the same lists as below, in one C++ pass
+            cold_ids, cold_offsets, cold_w, h_slots, h_bag, h_w = frequency_cpu.hot_cold_split(
+                ids.contiguous(), offsets.contiguous(), batch, self._feature_hot, self.hot_ids, self.hot_slots,
+                self._hot_base, self.hot_size, self._feature_mean, weights,
+            )
+        else:
+            cold_ids, cold_offsets, cold_w, h_slots, h_bag, h_w = self._split_batch(ids, offsets, bounds, weights, batch)
         cold = robe_pooled_lookup(
             array, cold_ids, cold_offsets, robe._layouts[DEFAULT_GROUP], robe._keys_for(DEFAULT_GROUP), batch,
             cold_w, kernel=robe.kernel, fused_optimizer=args,
         )
-        # only the hot ids: their slot, bag, and weight (MEAN's 1 / bag length folded in)
-        hot_idx = torch.nonzero(hot).flatten()
-        h_slots, h_bag = slots[hot_idx], bag[hot_idx]
-        h_w = weights[hot_idx].float() if weights is not None else torch.ones(hot_idx.numel(), device=ids.device)
-        if self._any_mean:
-            h_w = h_w * self._mean_scale(offsets, batch)[h_bag]
-        num_bags = lengths.numel()
+        keys, lengths = robe._embedding_names, robe._lengths_per_embedding
+        if fast:  # hot rows added into ROBE's output in place (no [F*B, D] temporaries)
+            hot_args = None if args is None else OptimizerArgs(kind=args.kind, state=self.hot_state, lr=args.lr, eps=args.eps)
+            values = _HotPooledAddFast.apply(cold, self.hot_rows, h_slots, h_bag, h_w, batch, hot_args)
+            return KeyedTensor(keys=keys, length_per_key=lengths, values=values)
         if args is None:
             picked = self.hot_rows.index_select(0, h_slots) * h_w.unsqueeze(1)
             bags = torch.zeros(num_bags, self._dim, device=ids.device, dtype=picked.dtype).index_add(0, h_bag, picked)
@@ -274,9 +291,29 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             hot_args = OptimizerArgs(kind=args.kind, state=self.hot_state, lr=args.lr, eps=args.eps)
             bags = _HotPooledFused.apply(self.hot_rows, h_slots, h_bag, h_w, num_bags, hot_args)
         pooled_hot = bags.view(num_features, batch, self._dim).transpose(0, 1).reshape(batch, -1)
-        return KeyedTensor(
-            keys=robe._embedding_names, length_per_key=robe._lengths_per_embedding, values=cold + pooled_hot
-        )
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=cold + pooled_hot)
+
+    def _fast_ops(self, ids: torch.Tensor) -> bool:
+        """Whether this call uses the C++ bookkeeping (CPU, ``cpu_ops``, float32 rows, built)."""
+        return (self._cpu_ops and ids.device.type == "cpu" and self.hot_rows.dtype == torch.float32
+                and frequency_cpu.is_available())
+
+    def _split_batch(self, ids: torch.Tensor, offsets: torch.Tensor, bounds: List[int],
+                     weights: Optional[torch.Tensor], batch: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Torch path (the reference of ``frequency_cpu.hot_cold_split``): (cold ids, offsets,
+        weights) for ROBE and the hot ids' (slot, bag, weight), MEAN's 1 / bag length folded in."""
+        slots, hot = self._lookup_slots(ids, bounds)
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
+                                      output_size=ids.numel())
+        cold_ids, cold_offsets, cold_w = self._cold_batch(ids, lengths, bag, hot, weights, batch)
+        hot_idx = torch.nonzero(hot).flatten()
+        h_slots, h_bag = slots[hot_idx], bag[hot_idx]
+        h_w = weights[hot_idx].float() if weights is not None else torch.ones(hot_idx.numel(), device=ids.device)
+        if self._any_mean:
+            h_w = h_w * self._mean_scale(offsets, batch)[h_bag]
+        return cold_ids, cold_offsets, cold_w, h_slots, h_bag, h_w
 
     def _cold_batch(self, ids: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, hot: torch.Tensor,
                     weights: Optional[torch.Tensor], batch: int
@@ -295,18 +332,18 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         return ids[cold], cold_offsets, w
 
     def _mean_mask(self, batch: int, device: torch.device) -> torch.Tensor:
-        return torch.tensor([t.pooling == PoolingType.MEAN for t in self._feature_tables()],
-                            device=device).repeat_interleave(batch)
+        """[F*B] bool: the bag's feature is MEAN (cached per batch size and device)."""
+        key = (batch, device)
+        mask = self._mean_masks.get(key)
+        if mask is None:
+            mask = self._mean_masks[key] = self._feature_mean.to(device).repeat_interleave(batch)
+        return mask
 
     def _mean_scale(self, offsets: torch.Tensor, batch: int) -> torch.Tensor:
         """1 / bag length for MEAN tables' non-empty bags, else 1 ([F*B])."""
         lengths = (offsets[1:] - offsets[:-1]).to(torch.float32)
         mean = self._mean_mask(batch, offsets.device)
         return torch.where(mean & (lengths > 0), 1.0 / lengths.clamp(min=1), torch.ones_like(lengths))
-
-    def _feature_tables(self) -> List[EmbeddingBagConfig]:
-        by_name = {t.name: t for t in self.robe.embedding_bag_configs()}
-        return [by_name[n] for n in self._table_of_feature]
 
     def _lookup_slots(self, ids: torch.Tensor, bounds: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per id: its hot slot (0 where cold) and whether it is hot (binary search per table)."""
@@ -350,7 +387,13 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
         """Count this batch's lookups per table (every ``sketch_every``-th batch: a subsample of the
         stream, counted in the sketches and in ``lookups`` alike, so traffic shares stay unbiased);
         every ``refresh_every`` forwards, refresh."""
-        if int(self.step) % self._config.sketch_every == 0:
+        if int(self.step) % self._config.sketch_every == 0 and self._fast_ops(ids):
+            frequency_cpu.space_saving_update_many(
+                ids.contiguous(), torch.tensor(bounds, dtype=torch.int64), self._feature_hot,
+                [(s.ids, s.counts, s.errors, s.size, s.total) for s in self.sketches.values()],
+            )
+            self.lookups += float(ids.numel())
+        elif int(self.step) % self._config.sketch_every == 0:
             per_table: Dict[str, List[torch.Tensor]] = {}
             for f, name in enumerate(self._table_of_feature):
                 per_table.setdefault(name, []).append(ids[bounds[f] : bounds[f + 1]])
@@ -499,3 +542,28 @@ class _HotPooledFused(torch.autograd.Function):
         lr, eps = optimizer.hyper()
         apply_optimizer_dense(rows.data.view(-1), optimizer.state, g.view(-1), optimizer.kind, lr, eps, rows.shape[1])
         return None, None, None, None, None, None
+
+
+class _HotPooledAddFast(torch.autograd.Function):
+    """CPU fast path of the hot gather: ``cold [B, F*D] += pooled hot rows`` in place (the same
+    float32 sums as ``_HotPooledFused`` / the index_select path, then ``cold + pooled``). Backward:
+    the cold output's gradient passes through; the rows' dense gradient is returned (no optimizer)
+    or stepped into them in place with the fused rule (``optimizer``)."""
+
+    @staticmethod
+    def forward(ctx: Any, cold: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,  # type: ignore[override]
+                bags: torch.Tensor, weights: torch.Tensor, batch: int, optimizer: Optional[OptimizerArgs]) -> torch.Tensor:
+        frequency_cpu.hot_pooled_add_(cold, rows, slots, bags, weights, batch)
+        ctx.mark_dirty(cold)
+        ctx.meta = (rows, slots, bags, weights, batch, optimizer)
+        return cold
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        rows, slots, bags, weights, batch, optimizer = ctx.meta
+        g = frequency_cpu.hot_pooled_grad(grad_out, slots, bags, weights, rows.shape[0], rows.shape[1], batch)
+        if optimizer is None:
+            return grad_out, g, None, None, None, None, None
+        lr, eps = optimizer.hyper()
+        apply_optimizer_dense(rows.data.view(-1), optimizer.state, g.view(-1), optimizer.kind, lr, eps, rows.shape[1])
+        return grad_out, None, None, None, None, None, None

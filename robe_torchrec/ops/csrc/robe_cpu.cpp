@@ -509,6 +509,13 @@ class Buffer {
   size_t capacity_ = 0, size_ = 0;
 };
 
+struct OwnedRecord {
+  int64_t start;  // block start
+  int64_t grad;   // offset of the block's gradient in grad_out
+  float scale;    // MEAN scale of its bag
+  float w;        // its per-sample weight (1 when unweighted)
+};
+
 // Scratch of one backward call: about 48 bytes per record plus the compact gradient.
 struct Workspace {
   Buffer<int64_t> start;        // [R] block start of each record
@@ -518,6 +525,7 @@ struct Workspace {
   Buffer<int64_t> record_base;  // [F * B] number of each bag's first record
   Buffer<float> grad;           // [U * Z] compact gradient of the touched chunks
   Buffer<uint32_t> slot_of_chunk;  // [ceil(m / Z)] chunk map path: 1 if touched, then its slot
+  std::vector<std::vector<OwnedRecord>> owned;  // chunk map path: [producer * owners + owner]
   std::vector<uint64_t> chunk_of_slot;  // [U] touched chunks, increasing
   bool any_wrap = false;                // some block runs past m: chunk 0 is touched
 };
@@ -823,16 +831,20 @@ void records_backward(const Problem& p, const float* G, ElementRange range, cons
 
 // Sort-free path (the GPU's default, robe_torchrec/ops/triton/fused.py), same result bits as the
 // records path: every element still sums its contributions in record order.
-//   1. computes every record's start and marks the chunks its block touches (first chunk, the
-//      tail's chunk + 1, chunk 0 on a wrap) in a ceil(m / Z) map (relaxed stores of 1: every
-//      writer stores the same value, so the map does not depend on the threads);
+//   1. the range's chunks are cut into `tasks` contiguous owner ranges (evenly: hashed starts are
+//      uniform). Producer task p takes samples [B p / tasks, B (p + 1) / tasks) (records in
+//      order), computes each record's start, marks the chunks its block touches (first chunk,
+//      the tail's chunk + 1, chunk 0 on a wrap) in a ceil(m / Z) map (relaxed stores of 1: every
+//      writer stores the same value), and appends the record to list (p, owner) of each owner
+//      of a chunk it touches (24 bytes: start, gradient offset, scale, weight);
 //   2. one serial pass over the map numbers the touched chunks in increasing order (the compact
-//      slots; chunk 0, when touched, is slot 0; chunk j + 1, when touched with j, is slot + 1);
-//   3. thread t owns a contiguous range of slots (split evenly), zeroes its compact rows, scans
-//      every record in order adding the pieces that fall in its rows (as step 4 above), then
-//      hands its own touched chunks to the consumer while they are still in its cache.
-// Extra memory: 4 bytes per chunk, 8 per record and the compact gradient (records path: 48 per
-// record), and no sort: the map is cheaper whenever it is not much larger than the records.
+//      slots; chunk 0, when touched, is slot 0);
+//   3. owner t zeroes its compact rows, reads lists (0, t), (1, t), ... in that order (so in
+//      record order), adds the pieces that fall in its chunks, then hands its touched chunks to
+//      the consumer while they are still in its cache.
+// No sort, no atomics on the gradient, and no thread scans records it does not own. Extra
+// memory: 4 bytes per chunk, about 24 per record and the compact gradient.
+
 template <typename Consume>
 void touched_map_backward(const Problem& p, const float* G, ElementRange range, const FastDivMod& div_z,
                           Workspace& ws, PhaseClock& clock, Consume&& consume) {
@@ -841,39 +853,65 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
   const int64_t nb = p.num_blocks, R = p.nnz * nb, F = p.F, B = p.B, D = p.D;
   uint32_t* map = ws.slot_of_chunk.resize(num_chunks);
   std::memset(map, 0, num_chunks * sizeof(uint32_t));
-  int64_t* start = ws.start.resize(R);
   const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), F, nb);
   const FastDivMod mod_m(m);
-  const int64_t* base = record_bases(p, ws);
+  const uint64_t chunk_lo = static_cast<uint64_t>(range.lo) / Z;
+  const uint64_t chunk_hi = (static_cast<uint64_t>(range.hi) + Z - 1) / Z;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(thread_count(), R / 8192 + 1));
+  std::vector<uint64_t> chunk_cut(tasks + 1);
+  for (int64_t t = 0; t <= tasks; ++t)
+    chunk_cut[t] = chunk_lo + static_cast<uint64_t>(even_bound(static_cast<int64_t>(chunk_hi - chunk_lo), tasks, t));
+  const auto owner_of = [&](uint64_t j) -> int64_t {
+    if (j < chunk_lo || j >= chunk_hi) return -1;
+    int64_t t = 0;
+    while (j >= chunk_cut[t + 1]) ++t;
+    return t;
+  };
+  std::vector<std::vector<OwnedRecord>>& lists = ws.owned;
+  if (static_cast<int64_t>(lists.size()) < tasks * tasks) lists.resize(tasks * tasks);
   const auto mark = [map](uint64_t j) {
     if (__atomic_load_n(map + j, __ATOMIC_RELAXED) == 0) __atomic_store_n(map + j, 1u, __ATOMIC_RELAXED);
   };
-  bool any_wrap = false;
-  // Step 1, parallel over samples (each thread writes contiguous stretches of records).
-#pragma omp parallel for schedule(dynamic, 16) num_threads(thread_count()) reduction(|| : any_wrap)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t bag = f * B + b;
-      const uint32_t* h0 = hp.h0.data() + f * nb;
-      const uint32_t* h1 = hp.h1.data() + f * nb;
-      int64_t r = base[bag];
-      for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
-        for (int64_t c = 0; c < nb; ++c, ++r) {
-          const uint64_t s = static_cast<uint64_t>(block_start(h0[c], h1[c], p.idx[i], mod_m));
-          start[r] = static_cast<int64_t>(s);
-          uint64_t j, at;
-          div_z.divmod(s, j, at);
-          mark(j);
-          if (at != 0 && (j + 1) * Z < m) mark(j + 1);
-          if (s + Z > m) {
-            mark(0);
-            any_wrap = true;
+
+  // Step 1.
+#pragma omp parallel for schedule(static, 1) num_threads(thread_count())
+  for (int64_t pt = 0; pt < tasks; ++pt) {
+    std::vector<OwnedRecord>* out = lists.data() + pt * tasks;
+    for (int64_t t = 0; t < tasks; ++t) out[t].clear();
+    for (int64_t b = even_bound(B, tasks, pt); b < even_bound(B, tasks, pt + 1); ++b) {
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t bag = f * B + b;
+        const uint32_t* h0 = hp.h0.data() + f * nb;
+        const uint32_t* h1 = hp.h1.data() + f * nb;
+        const float scale = bag_scale(p, bag);
+        const int64_t g_bag = b * (F * D) + f * D;
+        for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
+          const float w = p.w ? p.w[i] : 1.0f;
+          for (int64_t c = 0; c < nb; ++c) {
+            const uint64_t s = static_cast<uint64_t>(block_start(h0[c], h1[c], p.idx[i], mod_m));
+            const OwnedRecord rec{static_cast<int64_t>(s), g_bag + c * p.Z, scale, w};
+            uint64_t j, at;
+            div_z.divmod(s, j, at);
+            mark(j);
+            const int64_t o0 = owner_of(j);
+            if (o0 >= 0) out[o0].push_back(rec);
+            int64_t o1 = -1;
+            if (at != 0 && (j + 1) * Z < m) {  // a tail in chunk j + 1
+              mark(j + 1);
+              o1 = owner_of(j + 1);
+              if (o1 >= 0 && o1 != o0) out[o1].push_back(rec);
+            }
+            if (s + Z > m) {  // a wrap into chunk 0
+              mark(0);
+              const int64_t o2 = owner_of(0);
+              if (o2 >= 0 && o2 != o0 && o2 != o1) out[o2].push_back(rec);
+            }
           }
         }
       }
     }
   }
-  clock.lap("starts + map");
+  clock.lap("starts + map + lists");
 
   // Step 2.
   std::vector<uint64_t>& chunk_of_slot = ws.chunk_of_slot;
@@ -885,65 +923,50 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
       chunk_of_slot.push_back(j);
     }
   }
-  const uint64_t chunk_lo = static_cast<uint64_t>(range.lo) / Z;
-  const uint64_t chunk_hi = (static_cast<uint64_t>(range.hi) + Z - 1) / Z;
-  const int64_t slot_lo =
-      std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), chunk_lo) - chunk_of_slot.begin();
-  const int64_t slot_hi =
-      std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), chunk_hi) - chunk_of_slot.begin();
   clock.lap("slots");
-  if (slot_lo >= slot_hi) return;  // nothing in the range was touched
 
   // Step 3.
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(thread_count(), R / 8192 + 1));
   float* grad_c = ws.grad.resize(static_cast<size_t>(U) * Z);  // compact gradient [U, Z]
-  const float* W = p.w;
-  constexpr int64_t kAhead = 8;
+  constexpr size_t kAhead = 8;
 #pragma omp parallel for schedule(static, 1) num_threads(thread_count())
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t lo = slot_lo + even_bound(slot_hi - slot_lo, tasks, t);
-    const int64_t hi = slot_lo + even_bound(slot_hi - slot_lo, tasks, t + 1);
+    const uint64_t c_lo = chunk_cut[t], c_hi = chunk_cut[t + 1];
+    const int64_t lo =
+        std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), c_lo) - chunk_of_slot.begin();
+    const int64_t hi =
+        std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), c_hi) - chunk_of_slot.begin();
     if (lo >= hi) continue;
     std::fill(grad_c + lo * Z, grad_c + hi * Z, 0.0f);  // the owner zeroes its rows (first touch)
-    const bool owns_wraps = any_wrap && lo == 0;
-    int64_t r = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t f = 0; f < F; ++f) {
-        const int64_t bag = f * B + b;
-        const float* g_bag = G + b * (F * D) + f * D;
-        const float scale = bag_scale(p, bag);
-        for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
-          const float w = W ? W[i] : 1.0f;
-          for (int64_t c = 0; c < nb; ++c, ++r) {
-            uint64_t j, at;
-            if (r + kAhead < R) {  // a hint: may point past the buffer's end, never faults
-              div_z.divmod(static_cast<uint64_t>(start[r + kAhead]), j, at);
-              const float* ahead = grad_c + static_cast<int64_t>(map[j]) * Z + at;
-              __builtin_prefetch(ahead, 1);
-              __builtin_prefetch(ahead + Z - 1, 1);
-            }
-            div_z.divmod(static_cast<uint64_t>(start[r]), j, at);
-            const int64_t slot = map[j];
-            // Head in `slot`, tail in `slot + 1`, wrap in slot 0: skip records with nothing here.
-            const bool wraps = static_cast<uint64_t>(start[r]) + Z > m;
-            if ((slot + 1 < lo || slot >= hi) && !(owns_wraps && wraps)) continue;
-            const float* g = g_bag + c * Z;
-            for_each_piece(start[r], Z, m, div_z, [&](int kind, uint64_t pos, uint64_t from, uint64_t len) {
-              const int64_t target = kind == 0 ? slot : kind == 1 ? slot + 1 : 0;
-              if (target < lo || target >= hi) return;
-              float* dst = grad_c + target * Z + pos;
-              const float* src = g + from;
-              // Rounded as the reference: (g * bag_scale) * weight, each product in float32.
-              if (W) {
-                for (uint64_t k = 0; k < len; ++k) dst[k] += (src[k] * scale) * w;
-              } else if (scale != 1.0f) {
-                for (uint64_t k = 0; k < len; ++k) dst[k] += src[k] * scale;
-              } else {
-                for (uint64_t k = 0; k < len; ++k) dst[k] += src[k];
-              }
-            });
-          }
+    for (int64_t pt = 0; pt < tasks; ++pt) {
+      const std::vector<OwnedRecord>& list = lists[pt * tasks + t];
+      const size_t n = list.size();
+      for (size_t k = 0; k < n; ++k) {
+        if (k + kAhead < n) {  // a hint: the destination row of the record kAhead places on
+          uint64_t j, at;
+          div_z.divmod(static_cast<uint64_t>(list[k + kAhead].start), j, at);
+          const float* ahead = grad_c + static_cast<int64_t>(map[j]) * Z + at;
+          __builtin_prefetch(ahead, 1);
+          __builtin_prefetch(ahead + Z - 1, 1);
         }
+        const OwnedRecord& rec = list[k];
+        const uint64_t s = static_cast<uint64_t>(rec.start);
+        const uint64_t j = div_z.div(s);
+        const float* g = G + rec.grad;
+        const float scale = rec.scale, w = rec.w;
+        for_each_piece(s, Z, m, div_z, [&](int kind, uint64_t pos, uint64_t from, uint64_t len) {
+          const uint64_t chunk = kind == 0 ? j : kind == 1 ? j + 1 : 0;
+          if (chunk < c_lo || chunk >= c_hi) return;
+          float* dst = grad_c + static_cast<int64_t>(map[chunk]) * Z + pos;
+          const float* src = g + from;
+          // Rounded as the reference: (g * bag_scale) * weight, each product in float32.
+          if (p.w) {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += (src[e] * scale) * w;
+          } else if (scale != 1.0f) {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += src[e] * scale;
+          } else {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += src[e];
+          }
+        });
       }
     }
     for (int64_t u = lo; u < hi; ++u) {

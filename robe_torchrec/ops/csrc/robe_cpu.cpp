@@ -21,10 +21,6 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -268,25 +264,9 @@ struct ElementRange {
   int64_t lo = 0, hi = 0;
 };
 
-// Outputs larger than this are written with non-temporal stores: they cannot stay in cache
-// anyway, and streaming them skips the read-for-ownership a normal store makes of every line
-// (a third of the forward's memory traffic on one-hot shapes, where the output dominates).
-constexpr int64_t kStreamOutputBytes = int64_t(8) << 20;
-
 // out[k] = acc[k] * scale (or acc[k] when scale is 1: the same bits) for k < n, in one pass.
-inline void write_row(float* out, const float* acc, int64_t n, float scale, bool stream) {
-#if defined(__SSE2__)
-  if (stream && (reinterpret_cast<uintptr_t>(out) & 15) == 0 && n % 4 == 0) {
-    const __m128 s = _mm_set1_ps(scale);
-    if (scale != 1.0f) {
-      for (int64_t k = 0; k < n; k += 4) _mm_stream_ps(out + k, _mm_mul_ps(_mm_loadu_ps(acc + k), s));
-    } else {
-      for (int64_t k = 0; k < n; k += 4) _mm_stream_ps(out + k, _mm_loadu_ps(acc + k));
-    }
-    return;
-  }
-#endif
-  (void)stream;
+// (Non-temporal stores for large outputs were tried: 5-10% slower here, so plain stores.)
+inline void write_row(float* out, const float* acc, int64_t n, float scale) {
   if (scale != 1.0f) {
     for (int64_t k = 0; k < n; ++k) out[k] = acc[k] * scale;
   } else {
@@ -302,7 +282,6 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
   const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, p.num_blocks);
   const FastDivMod mod_m(static_cast<uint64_t>(p.m));
   const int64_t F = p.F, B = p.B, D = p.D, Z = p.Z, nb = p.num_blocks, m = p.m;
-  const bool stream = p.B * p.F * p.D * int64_t(sizeof(float)) > kStreamOutputBytes;
 
   // Bags in the output's memory order (sample, then feature), handed out 64 at a time: each thread
   // writes contiguous stretches of the output (bags of one feature are rows apart). Bags differ
@@ -348,12 +327,9 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
           }
         }
         // Reference layout: feature f owns columns [f*D, (f+1)*D) of row b.
-        write_row(O + b * (F * D) + f * D, acc, D, bag_scale(p, bag), stream);
+        write_row(O + b * (F * D) + f * D, acc, D, bag_scale(p, bag));
       }
     }
-#if defined(__SSE2__)
-    if (stream) _mm_sfence();  // this thread's streamed stores are visible before the barrier
-#endif
   }
   return out;
 }
@@ -439,7 +415,9 @@ at::Tensor pooled_forward_stored(const at::Tensor& data, const std::optional<at:
 // and chunk j + 1 exists; the wrap, at the start of chunk 0 when the block runs past m (head, tail
 // and wrap all occur only when a block crosses a partial last chunk entirely).
 //
-// The backward never builds a gradient of the whole array. It
+// The backward never builds a gradient of the whole array. Two index preparations give the same
+// bits: the sort-free chunk map (touched_map_backward, the default) and the records path
+// (records_backward, for huge sparsely touched arrays; see use_touched_map). The records path
 //   1. computes every record's start, and its sort key (first chunk, spills into j + 1?);
 //   2. stable-sorts (key, record) pairs (parallel LSD radix sort over the bits a chunk number has);
 //   3. walks them once to list the touched chunks in increasing order (the compact slots) and
@@ -516,7 +494,8 @@ struct OwnedRecord {
   float w;        // its per-sample weight (1 when unweighted)
 };
 
-// Scratch of one backward call: about 48 bytes per record plus the compact gradient.
+// Scratch of one backward call: the compact gradient, plus about 48 bytes per record on the records
+// path, 24 on the chunk map path.
 struct Workspace {
   Buffer<int64_t> start;        // [R] block start of each record
   Buffer<KeyedRecord> sorted;   // [R] (key, record), sorted by key after the radix sort

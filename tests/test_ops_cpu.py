@@ -317,3 +317,55 @@ def test_fused_bumps_version_counter(ext):
     before = array._version
     cpu.pooled_backward_fused(c.grad_out(0), array, c.batch(), OptimizerArgs("sgd", torch.empty(0), 0.1, 1e-8))
     assert array._version > before
+
+
+# ------------------------------------------------------------- both backward index preparations
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+@pytest.mark.parametrize("name", ["wrap_m37", "d16_z4_m97", "m_eq_z", "weighted_mean", "extreme_ids", "larger"])
+def test_chunk_map_and_records_paths_agree(ext, monkeypatch, name, optimizer):
+    """ROBE_CPU_BACKWARD forces the sort-free chunk map or the radix-sorted records: both match the
+    reference and each other bit for bit (every element sums its contributions in record order)."""
+    F, B, D, Z, m, opts = CASES[name]
+    c = make_case(F, B, D, Z, m, seed=sum(map(ord, name)) + 3, **opts)
+    go = c.grad_out(11)
+    results = {}
+    for mode in ("map", "records"):
+        monkeypatch.setenv("ROBE_CPU_BACKWARD", mode)
+        a, s = c.array.clone(), _state(c, optimizer)
+        cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs(optimizer, s, 0.05, 1e-8))
+        results[mode] = (a, s, cpu.pooled_backward_dense(go, c.batch()))
+    a_ref, s_ref = c.array.clone(), _state(c, optimizer)
+    ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs(optimizer, s_ref, 0.05, 1e-8))
+    for x, y in zip(results["map"], results["records"]):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(results["map"][0], a_ref, **TOL)
+    torch.testing.assert_close(results["map"][1], s_ref, **TOL)
+    torch.testing.assert_close(results["map"][2], ref.pooled_backward_dense(go, c.batch()), **TOL)
+
+
+@pytest.mark.parametrize("mode", ["map", "records"])
+def test_each_path_thread_count_independent(ext, monkeypatch, mode):
+    monkeypatch.setenv("ROBE_CPU_BACKWARD", mode)
+    c = make_case(4, 1024, 16, 4, 997, max_len=8, weighted=True, seed=52)
+    go = c.grad_out(12)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            a, s = c.array.clone(), _state(c, "rowwise_adagrad")
+            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.1, 1e-8))
+            results.append((a, s))
+    finally:
+        torch.set_num_threads(threads)
+    for a, s in results[1:]:
+        assert torch.equal(a, results[0][0]) and torch.equal(s, results[0][1])
+
+
+def test_unknown_backward_mode_is_refused(ext, monkeypatch):
+    monkeypatch.setenv("ROBE_CPU_BACKWARD", "bogus")
+    c = make_case(2, 4, 8, 4, 40, seed=62)
+    with pytest.raises(RuntimeError, match="ROBE_CPU_BACKWARD"):
+        cpu.pooled_backward_dense(c.grad_out(1), c.batch())

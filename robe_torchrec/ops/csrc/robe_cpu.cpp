@@ -24,6 +24,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -51,12 +54,20 @@ inline uint32_t fmix32(uint32_t h) {
 // cycles, and the hot loops do one per block). Barrett reduction with inv = floor((2**64-1)/d):
 // for x < 2**63, q_est = floor(x * inv / 2**64) is q or q - 1 (the error x/2**64 + x/(d*2**64)
 // is below 1), so a single correction step gives the exact quotient and remainder.
+// A power-of-two divisor (the usual block size Z) takes a shift and a mask instead.
 struct FastDivMod {
   uint64_t d;
   uint64_t inv;
-  explicit FastDivMod(uint64_t divisor) : d(divisor), inv(~uint64_t(0) / divisor) {}
+  int shift;  // log2(d) when d is a power of two, else -1
+  explicit FastDivMod(uint64_t divisor)
+      : d(divisor), inv(~uint64_t(0) / divisor), shift((divisor & (divisor - 1)) == 0 ? __builtin_ctzll(divisor) : -1) {}
   // Requires x < 2**63 (hash values are < 2**62, element positions < 2**48).
   inline void divmod(uint64_t x, uint64_t& q, uint64_t& r) const {
+    if (shift >= 0) {
+      q = x >> shift;
+      r = x & (d - 1);
+      return;
+    }
     q = static_cast<uint64_t>((static_cast<unsigned __int128>(x) * inv) >> 64);
     r = x - q * d;
     if (r >= d) {
@@ -253,6 +264,16 @@ struct ElementRange {
   int64_t lo = 0, hi = 0;
 };
 
+// out[k] = acc[k] * scale (or acc[k] when scale is 1: the same bits) for k < n, in one pass.
+// (Non-temporal stores for large outputs were tried: 5-10% slower here, so plain stores.)
+inline void write_row(float* out, const float* acc, int64_t n, float scale) {
+  if (scale != 1.0f) {
+    for (int64_t k = 0; k < n; ++k) out[k] = acc[k] * scale;
+  } else {
+    std::copy(acc, acc + n, out);
+  }
+}
+
 template <bool Ranged, typename Reader>
 at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::TensorOptions& out_options,
                                ElementRange range = {}) {
@@ -265,44 +286,48 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
   // Bags in the output's memory order (sample, then feature), handed out 64 at a time: each thread
   // writes contiguous stretches of the output (bags of one feature are rows apart). Bags differ
   // in length, hence dynamic scheduling; each bag is still summed by one thread in lookup order,
-  // so the result is deterministic.
-#pragma omp parallel for collapse(2) schedule(dynamic, 64) num_threads(thread_count())
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t bag = f * B + b;
-      float* acc = O + b * (F * D) + f * D;  // reference layout: feature f owns columns [f*D, (f+1)*D)
-      std::fill(acc, acc + D, 0.0f);
-      const uint32_t* h0 = hp.h0.data() + f * nb;
-      const uint32_t* h1 = hp.h1.data() + f * nb;
-      for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
-        const int64_t id = p.idx[i];
-        const float w = p.w ? p.w[i] : 1.0f;
-        for (int64_t c = 0; c < nb; ++c) {
-          const int64_t s = block_start(h0[c], h1[c], id, mod_m);
-          float* dst = acc + c * Z;
-          // A block is Z contiguous elements, wrapping from the end of the array to its start.
-          const int64_t first = std::min(Z, m - s);
-          if constexpr (Ranged) {
-            // Only the block positions k whose element lies in [lo, hi): the head e = s + k
-            // (k < first) and the wrapped part e = k - first (k >= first), each one interval of k;
-            // `read` takes the local position e - lo.
-            const int64_t lo = range.lo, hi = range.hi;
-            const int64_t a0 = std::max<int64_t>(0, lo - s), a1 = std::min<int64_t>(first, hi - s);
-            const int64_t b0 = std::max<int64_t>(first, lo + first), b1 = std::min<int64_t>(Z, hi + first);
-            for (int64_t k = a0; k < a1; ++k) dst[k] += read(s + k - lo) * w;
-            for (int64_t k = b0; k < b1; ++k) dst[k] += read(k - first - lo) * w;
-          } else if (p.w) {
-            for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
-            for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
-          } else {
-            for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
-            for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
+  // so the result is deterministic. A bag is summed in a per-thread scratch row (L1-resident),
+  // then written to the output once, MEAN scale applied on the way: the output is never zeroed
+  // nor read back.
+#pragma omp parallel num_threads(thread_count())
+  {
+    std::vector<float> scratch(static_cast<size_t>(D));
+    float* acc = scratch.data();
+#pragma omp for collapse(2) schedule(dynamic, 64) nowait
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t bag = f * B + b;
+        std::fill(acc, acc + D, 0.0f);
+        const uint32_t* h0 = hp.h0.data() + f * nb;
+        const uint32_t* h1 = hp.h1.data() + f * nb;
+        for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
+          const int64_t id = p.idx[i];
+          const float w = p.w ? p.w[i] : 1.0f;
+          for (int64_t c = 0; c < nb; ++c) {
+            const int64_t s = block_start(h0[c], h1[c], id, mod_m);
+            float* dst = acc + c * Z;
+            // A block is Z contiguous elements, wrapping from the end of the array to its start.
+            const int64_t first = std::min(Z, m - s);
+            if constexpr (Ranged) {
+              // Only the block positions k whose element lies in [lo, hi): the head e = s + k
+              // (k < first) and the wrapped part e = k - first (k >= first), each one interval of
+              // k; `read` takes the local position e - lo.
+              const int64_t lo = range.lo, hi = range.hi;
+              const int64_t a0 = std::max<int64_t>(0, lo - s), a1 = std::min<int64_t>(first, hi - s);
+              const int64_t b0 = std::max<int64_t>(first, lo + first), b1 = std::min<int64_t>(Z, hi + first);
+              for (int64_t k = a0; k < a1; ++k) dst[k] += read(s + k - lo) * w;
+              for (int64_t k = b0; k < b1; ++k) dst[k] += read(k - first - lo) * w;
+            } else if (p.w) {
+              for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
+              for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
+            } else {
+              for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
+              for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
+            }
           }
         }
-      }
-      const float scale = bag_scale(p, bag);
-      if (scale != 1.0f) {
-        for (int64_t k = 0; k < D; ++k) acc[k] *= scale;
+        // Reference layout: feature f owns columns [f*D, (f+1)*D) of row b.
+        write_row(O + b * (F * D) + f * D, acc, D, bag_scale(p, bag));
       }
     }
   }
@@ -390,7 +415,9 @@ at::Tensor pooled_forward_stored(const at::Tensor& data, const std::optional<at:
 // and chunk j + 1 exists; the wrap, at the start of chunk 0 when the block runs past m (head, tail
 // and wrap all occur only when a block crosses a partial last chunk entirely).
 //
-// The backward never builds a gradient of the whole array. It
+// The backward never builds a gradient of the whole array. Two index preparations give the same
+// bits: the sort-free chunk map (touched_map_backward, the default) and the records path
+// (records_backward, for huge sparsely touched arrays; see use_touched_map). The records path
 //   1. computes every record's start, and its sort key (first chunk, spills into j + 1?);
 //   2. stable-sorts (key, record) pairs (parallel LSD radix sort over the bits a chunk number has);
 //   3. walks them once to list the touched chunks in increasing order (the compact slots) and
@@ -460,7 +487,15 @@ class Buffer {
   size_t capacity_ = 0, size_ = 0;
 };
 
-// Scratch of one backward call: about 48 bytes per record plus the compact gradient.
+struct OwnedRecord {
+  int64_t start;  // block start
+  int64_t grad;   // offset of the block's gradient in grad_out
+  float scale;    // MEAN scale of its bag
+  float w;        // its per-sample weight (1 when unweighted)
+};
+
+// Scratch of one backward call: the compact gradient, plus about 48 bytes per record on the records
+// path, 24 on the chunk map path.
 struct Workspace {
   Buffer<int64_t> start;        // [R] block start of each record
   Buffer<KeyedRecord> sorted;   // [R] (key, record), sorted by key after the radix sort
@@ -468,6 +503,8 @@ struct Workspace {
   Buffer<int64_t> first_slot;   // [R] compact slot of each record's first chunk
   Buffer<int64_t> record_base;  // [F * B] number of each bag's first record
   Buffer<float> grad;           // [U * Z] compact gradient of the touched chunks
+  Buffer<uint32_t> slot_of_chunk;  // [ceil(m / Z)] chunk map path: 1 if touched, then its slot
+  std::vector<std::vector<OwnedRecord>> owned;  // chunk map path: [producer * owners + owner]
   std::vector<uint64_t> chunk_of_slot;  // [U] touched chunks, increasing
   bool any_wrap = false;                // some block runs past m: chunk 0 is touched
 };
@@ -500,16 +537,10 @@ class WorkspaceLease {
   Workspace* ws_ = nullptr;
 };
 
-void compute_records(const Problem& p, const FastDivMod& div_z, Workspace& ws) {
-  const int64_t nb = p.num_blocks, R = p.nnz * nb;
-  int64_t* start = ws.start.resize(R);
-  KeyedRecord* sorted = ws.sorted.resize(R);
-  const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, nb);
-  const FastDivMod mod_m(static_cast<uint64_t>(p.m));
-  const int64_t B = p.B, F = p.F;
-  const uint64_t Z = p.Z, m = p.m;
-  // Records are numbered in grad_out's memory order (sample, feature, lookup, block), the order
-  // the accumulation streams through: bag (f, b)'s first record, serially (O(F*B)).
+// Records are numbered in grad_out's memory order (sample, feature, lookup, block), the order
+// the accumulation streams through: bag (f, b)'s first record, serially (O(F*B)).
+const int64_t* record_bases(const Problem& p, Workspace& ws) {
+  const int64_t B = p.B, F = p.F, nb = p.num_blocks;
   int64_t* base = ws.record_base.resize(p.num_bags);
   int64_t next = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -518,6 +549,45 @@ void compute_records(const Problem& p, const FastDivMod& div_z, Workspace& ws) {
       next += (p.off[f * B + b + 1] - p.off[f * B + b]) * nb;
     }
   }
+  return base;
+}
+
+// ROBE_CPU_PROFILE=1: the backward prints its phases' wall times to stderr (a profiling aid; the
+// phases are separated by the parallel regions' barriers, so the times add up to the call's).
+class PhaseClock {
+ public:
+  PhaseClock() : on_(profiling()), last_(on_ ? omp_get_wtime() : 0.0) {}
+  void lap(const char* phase) {
+    if (!on_) return;
+    const double now = omp_get_wtime();
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), " %s %.3f ms;", phase, (now - last_) * 1e3);
+    line_ += buf;
+    last_ = now;
+  }
+  ~PhaseClock() {
+    if (on_ && !line_.empty()) std::fprintf(stderr, "[robe cpu backward]%s\n", line_.c_str());
+  }
+
+ private:
+  static bool profiling() {
+    const char* env = std::getenv("ROBE_CPU_PROFILE");
+    return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
+  }
+  bool on_;
+  double last_;
+  std::string line_;
+};
+
+void compute_records(const Problem& p, const FastDivMod& div_z, Workspace& ws) {
+  const int64_t nb = p.num_blocks, R = p.nnz * nb;
+  int64_t* start = ws.start.resize(R);
+  KeyedRecord* sorted = ws.sorted.resize(R);
+  const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, nb);
+  const FastDivMod mod_m(static_cast<uint64_t>(p.m));
+  const int64_t B = p.B, F = p.F;
+  const uint64_t Z = p.Z, m = p.m;
+  const int64_t* base = record_bases(p, ws);
   bool any_wrap = false;
   // Parallel over samples, so that each thread writes one contiguous stretch of records.
 #pragma omp parallel for schedule(dynamic, 16) num_threads(thread_count()) reduction(|| : any_wrap)
@@ -602,22 +672,18 @@ void check_grad_out(const Problem& p, const at::Tensor& grad_out) {
 // of blocks that fall on other ranks' elements are skipped by the same ownership test as the
 // slots of other threads. The whole array is range [0, m): the unranged path, unchanged.
 template <typename Consume>
-void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, ElementRange range, Consume&& consume) {
-  if (p.nnz == 0) return;
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const float* G = grad_out.data_ptr<float>();
+void records_backward(const Problem& p, const float* G, ElementRange range, const FastDivMod& div_z, Workspace& ws,
+                      PhaseClock& clock, Consume&& consume) {
   const uint64_t Z = p.Z, m = p.m;
-  const FastDivMod div_z(Z);
   const uint64_t num_chunks = (m + Z - 1) / Z;
-
-  WorkspaceLease lease;
-  Workspace& ws = *lease;
 
   // Steps 1 and 2.
   compute_records(p, div_z, ws);
+  clock.lap("records");
   const int64_t R = static_cast<int64_t>(ws.start.size());
   const KeyedRecord* sorted =
       radix_sort(ws.sorted.data(), ws.scratch.resize(R), R, ((num_chunks - 1) << 1) | 1);
+  clock.lap("radix sort");
 
   // Step 3, serial: one pass over the sorted keys (cheap next to the gradient traffic).
   std::vector<uint64_t>& chunk_of_slot = ws.chunk_of_slot;
@@ -645,6 +711,7 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Ele
     }
   }
   const int64_t U = static_cast<int64_t>(chunk_of_slot.size());
+  clock.lap("slots");
   // The slots [slot_lo, slot_hi) of the chunks in the range, and the sorted records [k_lo, k_hi)
   // whose first chunk is in it (to balance the threads over).
   const uint64_t chunk_lo = static_cast<uint64_t>(range.lo) / Z;
@@ -729,12 +796,207 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Ele
     }
   }
 
+  clock.lap("accumulate");
+
   // Step 5.
 #pragma omp parallel for schedule(static) num_threads(thread_count())
   for (int64_t u = slot_lo; u < slot_hi; ++u) {
     const uint64_t first = chunk_of_slot[u] * Z;
     consume(chunk_of_slot[u], static_cast<int64_t>(first), static_cast<int64_t>(std::min(Z, m - first)),
             grad_c + u * Z);
+  }
+  clock.lap("update");
+}
+
+// Sort-free path (the GPU's default, robe_torchrec/ops/triton/fused.py), same result bits as the
+// records path: every element still sums its contributions in record order.
+//   1. the range's chunks are cut into `tasks` contiguous owner ranges (evenly: hashed starts are
+//      uniform). Producer task p takes samples [B p / tasks, B (p + 1) / tasks) (records in
+//      order), computes each record's start, marks the chunks its block touches (first chunk,
+//      the tail's chunk + 1, chunk 0 on a wrap) in a ceil(m / Z) map (relaxed stores of 1: every
+//      writer stores the same value), and appends the record to list (p, owner) of each owner
+//      of a chunk it touches (24 bytes: start, gradient offset, scale, weight);
+//   2. one serial pass over the map numbers the touched chunks in increasing order (the compact
+//      slots; chunk 0, when touched, is slot 0);
+//   3. owner t zeroes its compact rows, reads lists (0, t), (1, t), ... in that order (so in
+//      record order), adds the pieces that fall in its chunks, then hands its touched chunks to
+//      the consumer while they are still in its cache.
+// No sort, no atomics on the gradient, and no thread scans records it does not own. Extra
+// memory: 4 bytes per chunk, about 24 per record and the compact gradient.
+
+template <typename Consume>
+void touched_map_backward(const Problem& p, const float* G, ElementRange range, const FastDivMod& div_z,
+                          Workspace& ws, PhaseClock& clock, Consume&& consume) {
+  const uint64_t Z = p.Z, m = p.m;
+  const uint64_t num_chunks = (m + Z - 1) / Z;
+  const int64_t nb = p.num_blocks, R = p.nnz * nb, F = p.F, B = p.B, D = p.D;
+  uint32_t* map = ws.slot_of_chunk.resize(num_chunks);
+  std::memset(map, 0, num_chunks * sizeof(uint32_t));
+  const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), F, nb);
+  const FastDivMod mod_m(m);
+  const uint64_t chunk_lo = static_cast<uint64_t>(range.lo) / Z;
+  const uint64_t chunk_hi = (static_cast<uint64_t>(range.hi) + Z - 1) / Z;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(thread_count(), R / 8192 + 1));
+  std::vector<uint64_t> chunk_cut(tasks + 1);
+  for (int64_t t = 0; t <= tasks; ++t)
+    chunk_cut[t] = chunk_lo + static_cast<uint64_t>(even_bound(static_cast<int64_t>(chunk_hi - chunk_lo), tasks, t));
+  const auto owner_of = [&](uint64_t j) -> int64_t {
+    if (j < chunk_lo || j >= chunk_hi) return -1;
+    int64_t t = 0;
+    while (j >= chunk_cut[t + 1]) ++t;
+    return t;
+  };
+  std::vector<std::vector<OwnedRecord>>& lists = ws.owned;
+  if (static_cast<int64_t>(lists.size()) < tasks * tasks) lists.resize(tasks * tasks);
+  const auto mark = [map](uint64_t j) {
+    if (__atomic_load_n(map + j, __ATOMIC_RELAXED) == 0) __atomic_store_n(map + j, 1u, __ATOMIC_RELAXED);
+  };
+
+  // Step 1.
+#pragma omp parallel for schedule(static, 1) num_threads(thread_count())
+  for (int64_t pt = 0; pt < tasks; ++pt) {
+    std::vector<OwnedRecord>* out = lists.data() + pt * tasks;
+    for (int64_t t = 0; t < tasks; ++t) out[t].clear();
+    for (int64_t b = even_bound(B, tasks, pt); b < even_bound(B, tasks, pt + 1); ++b) {
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t bag = f * B + b;
+        const uint32_t* h0 = hp.h0.data() + f * nb;
+        const uint32_t* h1 = hp.h1.data() + f * nb;
+        const float scale = bag_scale(p, bag);
+        const int64_t g_bag = b * (F * D) + f * D;
+        for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
+          const float w = p.w ? p.w[i] : 1.0f;
+          for (int64_t c = 0; c < nb; ++c) {
+            const uint64_t s = static_cast<uint64_t>(block_start(h0[c], h1[c], p.idx[i], mod_m));
+            const OwnedRecord rec{static_cast<int64_t>(s), g_bag + c * p.Z, scale, w};
+            uint64_t j, at;
+            div_z.divmod(s, j, at);
+            mark(j);
+            const int64_t o0 = owner_of(j);
+            if (o0 >= 0) out[o0].push_back(rec);
+            int64_t o1 = -1;
+            if (at != 0 && (j + 1) * Z < m) {  // a tail in chunk j + 1
+              mark(j + 1);
+              o1 = owner_of(j + 1);
+              if (o1 >= 0 && o1 != o0) out[o1].push_back(rec);
+            }
+            if (s + Z > m) {  // a wrap into chunk 0
+              mark(0);
+              const int64_t o2 = owner_of(0);
+              if (o2 >= 0 && o2 != o0 && o2 != o1) out[o2].push_back(rec);
+            }
+          }
+        }
+      }
+    }
+  }
+  clock.lap("starts + map + lists");
+
+  // Step 2.
+  std::vector<uint64_t>& chunk_of_slot = ws.chunk_of_slot;
+  chunk_of_slot.clear();
+  uint32_t U = 0;
+  for (uint64_t j = 0; j < num_chunks; ++j) {
+    if (map[j]) {
+      map[j] = U++;
+      chunk_of_slot.push_back(j);
+    }
+  }
+  clock.lap("slots");
+
+  // Step 3.
+  float* grad_c = ws.grad.resize(static_cast<size_t>(U) * Z);  // compact gradient [U, Z]
+  constexpr size_t kAhead = 8;
+#pragma omp parallel for schedule(static, 1) num_threads(thread_count())
+  for (int64_t t = 0; t < tasks; ++t) {
+    const uint64_t c_lo = chunk_cut[t], c_hi = chunk_cut[t + 1];
+    const int64_t lo =
+        std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), c_lo) - chunk_of_slot.begin();
+    const int64_t hi =
+        std::lower_bound(chunk_of_slot.begin(), chunk_of_slot.end(), c_hi) - chunk_of_slot.begin();
+    if (lo >= hi) continue;
+    std::fill(grad_c + lo * Z, grad_c + hi * Z, 0.0f);  // the owner zeroes its rows (first touch)
+    for (int64_t pt = 0; pt < tasks; ++pt) {
+      const std::vector<OwnedRecord>& list = lists[pt * tasks + t];
+      const size_t n = list.size();
+      for (size_t k = 0; k < n; ++k) {
+        if (k + kAhead < n) {  // a hint: the destination row of the record kAhead places on
+          uint64_t j, at;
+          div_z.divmod(static_cast<uint64_t>(list[k + kAhead].start), j, at);
+          const float* ahead = grad_c + static_cast<int64_t>(map[j]) * Z + at;
+          __builtin_prefetch(ahead, 1);
+          __builtin_prefetch(ahead + Z - 1, 1);
+        }
+        const OwnedRecord& rec = list[k];
+        const uint64_t s = static_cast<uint64_t>(rec.start);
+        const uint64_t j = div_z.div(s);
+        const float* g = G + rec.grad;
+        const float scale = rec.scale, w = rec.w;
+        for_each_piece(s, Z, m, div_z, [&](int kind, uint64_t pos, uint64_t from, uint64_t len) {
+          const uint64_t chunk = kind == 0 ? j : kind == 1 ? j + 1 : 0;
+          if (chunk < c_lo || chunk >= c_hi) return;
+          float* dst = grad_c + static_cast<int64_t>(map[chunk]) * Z + pos;
+          const float* src = g + from;
+          // Rounded as the reference: (g * bag_scale) * weight, each product in float32.
+          if (p.w) {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += (src[e] * scale) * w;
+          } else if (scale != 1.0f) {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += src[e] * scale;
+          } else {
+            for (uint64_t e = 0; e < len; ++e) dst[e] += src[e];
+          }
+        });
+      }
+    }
+    for (int64_t u = lo; u < hi; ++u) {
+      const uint64_t first = chunk_of_slot[u] * Z;
+      consume(chunk_of_slot[u], static_cast<int64_t>(first), static_cast<int64_t>(std::min(Z, m - first)),
+              grad_c + u * Z);
+    }
+  }
+  clock.lap("accumulate + update");
+}
+
+// Which index preparation the backward uses. ROBE_CPU_BACKWARD=map or =records forces one (tests
+// run both; a measurement can compare them); unset or "auto": the chunk map unless it would be
+// much larger than the batch's records (huge, sparsely touched arrays), the rule of the GPU's
+// use_touched_map with CPU constants (a 4-byte map entry per chunk, zeroed and scanned serially).
+constexpr uint64_t kTouchedMapMin = uint64_t(1) << 22;
+constexpr uint64_t kTouchedMapRatio = 8;
+
+bool use_touched_map(uint64_t num_chunks, int64_t records) {
+  const bool fits = num_chunks < (uint64_t(1) << 32);  // slots are uint32
+  const char* env = std::getenv("ROBE_CPU_BACKWARD");
+  const std::string mode = env ? env : "auto";
+  TORCH_CHECK(mode == "auto" || mode == "map" || mode == "records",
+              "robe cpu kernel: ROBE_CPU_BACKWARD must be auto, map or records, got '", mode, "'");
+  if (mode == "records" || !fits) return false;
+  if (mode == "map") return true;
+  return num_chunks <= std::max(kTouchedMapMin, kTouchedMapRatio * static_cast<uint64_t>(records));
+}
+
+// The backward (grad_out already checked): calls consume(chunk, first_element, length, gradient)
+// exactly once per touched chunk, with `gradient` holding that chunk's `length` summed values,
+// possibly from several threads at once (for disjoint chunks).
+// With a row-wise shard `range` (bounds on chunk boundaries: every chunk is wholly in or out), only
+// the touched chunks inside [range.lo, range.hi) are accumulated and consumed: they are one
+// contiguous run of slots (slots follow chunk order), and the accumulation is restricted to it, so
+// pieces of blocks that fall on other ranks' elements are skipped by the same ownership test as the
+// slots of other threads. The whole array is range [0, m).
+template <typename Consume>
+void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, ElementRange range, Consume&& consume) {
+  if (p.nnz == 0) return;
+  PhaseClock clock;
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const float* G = grad_out.data_ptr<float>();
+  const FastDivMod div_z(static_cast<uint64_t>(p.Z));
+  const uint64_t num_chunks = (static_cast<uint64_t>(p.m) + p.Z - 1) / p.Z;
+  WorkspaceLease lease;
+  Workspace& ws = *lease;
+  if (use_touched_map(num_chunks, p.nnz * p.num_blocks)) {
+    touched_map_backward(p, G, range, div_z, ws, clock, consume);
+  } else {
+    records_backward(p, G, range, div_z, ws, clock, consume);
   }
 }
 

@@ -9,8 +9,13 @@
 The program's ``layout`` buffers (hash version, m, Z, seed per group) travel inside it; the same
 layout is also written as JSON next to the program in the archive (``extra_files``) and checked
 against the buffers on load, and ``load_exported(..., expected_layout=...)`` refuses an artifact
-made under another layout. Loading unpickles nothing: ``torch.export.load`` reads a zip of
-serialized graphs and tensors. Importing this module registers the ``robe::`` custom ops that
+made under another layout.
+
+Loading unpickles nothing: ``save_exported`` stores no example inputs (torch would pickle the
+KeyedJaggedTensor and, on load, fall back to ``torch.load(weights_only=False)`` for it), and
+``load_exported`` first checks (:func:`robe_torchrec.pickle_free.check_pickle_free`) that every
+entry of the archive is JSON, raw tensor bytes or a text file, refusing any other by name, before
+``torch.export.load`` reads it. Importing this module registers the ``robe::`` custom ops that
 the program calls.
 """
 
@@ -27,12 +32,14 @@ from torch.export import Dim, ExportedProgram
 
 from robe_torchrec.modules.quant_robe_embedding_bag_collection import QuantRobeEmbeddingBagCollection
 from robe_torchrec.ops import stored_lookup  # noqa: F401  (registers torch.ops.robe.*)
+from robe_torchrec.pickle_free import UnsafeArchiveError, check_pickle_free
 
 LAYOUT_FILE = "robe_layout.json"
 
 
 class ArtifactError(ValueError):
-    """A serving artifact that is missing, unreadable, or made under another ROBE layout (names the file)."""
+    """A serving artifact that is missing, unreadable, made under another ROBE layout, or one whose
+    loading would unpickle something (:mod:`robe_torchrec.pickle_free`); names the file."""
 
 _FIELDS = ("hash_version", "num_elements", "block_size", "seed")
 
@@ -77,8 +84,15 @@ def export_model(model: torch.nn.Module, example_args: Tuple[Any, ...]) -> Expor
 
 
 def save_exported(program: ExportedProgram, path: str) -> None:
-    """``torch.export.save`` with the ROBE layout of the program recorded beside it in the archive."""
-    torch.export.save(program, path, extra_files={LAYOUT_FILE: json.dumps(_program_layouts(program), sort_keys=True)})
+    """``torch.export.save`` with the ROBE layout of the program recorded beside it in the archive,
+    and without the example inputs (a pickled KeyedJaggedTensor: loading it needs unpickling)."""
+    extra = {LAYOUT_FILE: json.dumps(_program_layouts(program), sort_keys=True)}
+    examples = program.example_inputs
+    program.example_inputs = None  # restored below: the caller's program keeps its examples
+    try:
+        torch.export.save(program, path, extra_files=extra)
+    finally:
+        program.example_inputs = examples
 
 
 def load_exported(path: str, expected_layout: Optional[Dict[str, List[Dict[str, int]]]] = None) -> ExportedProgram:
@@ -88,6 +102,12 @@ def load_exported(path: str, expected_layout: Optional[Dict[str, List[Dict[str, 
         raise ArtifactError(f"{path}: no such serving artifact")
     if not zipfile.is_zipfile(path):
         raise ArtifactError(f"{path}: not a torch.export archive (truncated or another kind of file)")
+    try:
+        check_pickle_free(path)
+    except UnsafeArchiveError as exc:
+        raise ArtifactError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt archive: name the file
+        raise ArtifactError(f"{path}: cannot be read as a torch.export archive ({type(exc).__name__}: {exc})") from exc
     extra = {LAYOUT_FILE: ""}
     try:
         program = torch.export.load(path, extra_files=extra)

@@ -173,9 +173,12 @@ def test_export_with_dynamic_shapes_and_reload_in_a_fresh_process(tmp_path) -> N
         import torch
         from torchrec import KeyedJaggedTensor
         from robe_torchrec.export import load_exported
-        io = torch.load({str(tmp_path / 'io.pt')!r})
+        from tests.no_unpickling import no_unpickling
+        io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
         kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2", "f3"], io["values"], io["lengths"])
-        out = load_exported({path!r}).module()(io["dense"], kjt)
+        with no_unpickling():  # any torch.load / pickle.load(s) / Unpickler raises
+            served = load_exported({path!r}).module()
+        out = served(io["dense"], kjt)
         assert torch.equal(out, io["eager"]), (out - io["eager"]).abs().max()
         import sys
         assert "robe_torchrec.train" not in sys.modules and "robe_torchrec.app" not in sys.modules
@@ -189,6 +192,70 @@ def test_export_with_dynamic_shapes_and_reload_in_a_fresh_process(tmp_path) -> N
     other = {k: [dict(g, seed=g["seed"] + 1) for g in v] for k, v in layout.items()}
     with pytest.raises(ValueError, match="expected"):
         load_exported(path, expected_layout=other)
+
+
+def _rewrite_archive(src: str, dst: str, edit) -> None:
+    """Copy a zip archive entry by entry; ``edit(name, data)`` returns new bytes, or None to drop it."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info, data)
+
+
+def test_artifact_loads_without_unpickling_and_pickling_archives_are_refused(tmp_path) -> None:
+    """load_exported never needs an unpickler (guarded: torch.load / pickle raise), while torch's own
+    save of the same program does need one (its KJT example inputs), and load_exported refuses that
+    archive, a pickled weight and an unknown entry before torch.export.load reads anything."""
+    import json
+
+    from torchrec.inference.modules import quantize_inference_model
+
+    from robe_torchrec.export import LAYOUT_FILE, ArtifactError, export_model, load_exported, save_exported
+    from tests.no_unpickling import no_unpickling
+
+    model = quantize_inference_model(_dlrm(_uniform_ebc()).eval(), quantization_mapping=robe_quantization_mapping())
+    program = export_model(model, _inputs(4, 0))
+    good = str(tmp_path / "good.pt2")
+    save_exported(program, good)
+    assert program.example_inputs is not None  # the caller's program keeps its examples
+    dense, kjt = _inputs(3, 5)
+    with no_unpickling():
+        served = load_exported(good).module()
+    torch.testing.assert_close(served(dense, kjt), model(dense, kjt), rtol=0, atol=0)
+
+    # torch.export.save keeps the pickled KeyedJaggedTensor example inputs: torch's loader unpickles them
+    plain = str(tmp_path / "plain.pt2")
+    torch.export.save(program, plain, extra_files={LAYOUT_FILE: json.dumps({})})
+    with no_unpickling():
+        with pytest.raises(AssertionError, match="must not unpickle"):
+            torch.export.load(plain)
+        with pytest.raises(ArtifactError, match="pickled example inputs"):
+            load_exported(plain)
+
+    def pickled_weight(name: str, data: bytes) -> bytes:
+        if not name.endswith("_weights_config.json"):
+            return data
+        config = json.loads(data)
+        first = next(iter(config["config"]))
+        config["config"][first]["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    crafted = str(tmp_path / "crafted.pt2")
+    _rewrite_archive(good, crafted, pickled_weight)
+    with no_unpickling(), pytest.raises(ArtifactError, match="stored as a pickled object"):
+        load_exported(crafted)
+    extra_entry = str(tmp_path / "extra_entry.pt2")
+    _rewrite_archive(good, extra_entry, lambda name, data: data)
+    import zipfile
+
+    with zipfile.ZipFile(extra_entry, "a") as z:
+        root = z.namelist()[0].split("/", 1)[0]
+        z.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
+    with no_unpickling(), pytest.raises(ArtifactError, match="unexpected entry data/aotinductor"):
+        load_exported(extra_entry)
 
 
 @pytest.mark.slow

@@ -32,6 +32,8 @@ of them (one small all_reduce a step), so no rank is left waiting in a collectiv
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import os
 import random
 import sys
@@ -198,12 +200,15 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     """Train; raises on failure (ConfigError, DataError, CheckpointError, TrainingDiverged, ...)."""
     cfg, resume = parse_args(argv)
     env = setup(cfg.train.device)
+    completed = False
     try:
         if choose_loop(cfg.train.pipeline, env.world_size, env.device) == "sparse_dist" and env.world_size == 1:
             init_one_process_group(env)  # DMP on one rank: a sharded module for the pipeline
-        return run(cfg, env, resume)
+        result = run(cfg, env, resume)
+        completed = True
+        return result
     finally:
-        teardown()
+        teardown(completed)
 
 
 # Errors that are the user's data / files / settings, not bugs: one line, no traceback.
@@ -214,7 +219,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m robe_torchrec.train``: :func:`main` with exit codes. 0: done; 2: bad config or
     arguments (one line on stderr); 1: a data, checkpoint or divergence error (one line on stderr)."""
     try:
-        main(argv)
+        main(argv)  # the result (and the sharded model holding the process group) is dropped here
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -397,4 +402,7 @@ if __name__ == "__main__":
     from robe_torchrec.quiet import silence_fx_tracing_notice
 
     silence_fx_tracing_notice()
-    sys.exit(cli())
+    faulthandler.enable()  # a native crash (SIGABRT, SIGSEGV) prints every thread's Python stack
+    code = cli()
+    gc.collect()  # free the model's process-group references while the interpreter is alive
+    sys.exit(code)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,24 @@ def init_one_process_group(env: DistEnv) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def teardown() -> None:
+TEARDOWN_BARRIER_S = 60
+
+
+def teardown(completed: bool = False) -> None:
+    """Destroy the process group; after a run that ``completed`` on every rank, first meet the
+    other ranks (a barrier) so none leaves while a peer's last collective is still being retired.
+
+    ``destroy_process_group`` only unregisters a gloo group: the C++ group (and its worker
+    threads) lives on while torchrec / DDP objects hold it. Collecting those objects here, while
+    the interpreter is fully alive, lets the group join its threads now instead of during
+    interpreter shutdown, where a worker thread that needs the GIL is killed by a forced unwind
+    ("terminate called without an active exception", seen once on a 2-rank CI run).
+    """
     if dist.is_available() and dist.is_initialized():
+        if completed:
+            try:  # bounded: a peer that failed after its last agreed step must not hang this rank
+                dist.barrier(async_op=True).wait(timeout=timedelta(seconds=TEARDOWN_BARRIER_S))
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
+    gc.collect()

@@ -15,9 +15,12 @@ as a missing FBGEMM option takes FBGEMM's). Options the fused update cannot hono
 weight decay, lr decay, an initial accumulator, maximize, nesterov) raise, as does any other class.
 torchrec's ``RowWiseAdagrad`` cannot be *constructed* on a 1-D tensor (it averages over dim 1), and
 torch's ``_apply_optimizer_in_backward`` constructs one per parameter, so on ROBE's 1-D arrays that
-call raises inside torchrec before any tag is set. :func:`tag_optimizer_in_backward` sets the very
-same tags without constructing the optimizer: use it for ``RowWiseAdagrad`` (it works for every
-supported class).
+call raises inside torchrec before any tag is set. :func:`apply_optimizer_in_backward` here is a
+drop-in for torchrec's (same arguments): it tags ROBE arrays (:func:`tag_optimizer_in_backward`,
+which sets the very same attributes without constructing the optimizer) and hands every other
+parameter to torch's ``_apply_optimizer_in_backward``, so
+``apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": 0.02})`` works
+on a model that mixes ROBE arrays with stock tables or dense layers.
 
 The plain module adopts the tag at its next forward (or ``fused_optimizer`` access); the sharder
 reads it at planning / sharding time, where it takes precedence over the sharder's ``fused_params``
@@ -96,6 +99,43 @@ def tag_optimizer_in_backward(
             p._optimizer_kwargs = []  # type: ignore[attr-defined]
         p._optimizer_classes.append(optimizer_class)  # type: ignore[attr-defined]
         p._optimizer_kwargs.append(dict(optimizer_kwargs))  # type: ignore[attr-defined]
+
+
+ROBE_ARRAY_ATTR = "_robe_array"
+
+
+def mark_robe_array(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Mark ``param`` as a ROBE array (what :func:`apply_optimizer_in_backward` tags itself)."""
+    setattr(param, ROBE_ARRAY_ATTR, True)
+    return param
+
+
+def is_robe_array(param: torch.Tensor) -> bool:
+    return bool(getattr(param, ROBE_ARRAY_ATTR, False))
+
+
+def apply_optimizer_in_backward(
+    optimizer_class: type,
+    params: Iterable[torch.nn.Parameter],
+    optimizer_kwargs: Mapping[str, Any],
+    register_hook: bool = True,
+) -> None:
+    """Drop-in for ``torchrec.optim.apply_optimizer_in_backward`` that accepts ROBE arrays.
+
+    ROBE arrays (marked by the module that owns them) get the tag the sharder and the plain module
+    read (their fused ROBE optimizer does the update; an unsupported class or option raises before
+    anything is tagged); every other parameter goes to torch's ``_apply_optimizer_in_backward``
+    unchanged (an optimizer built per parameter and stepped in backward, as torchrec does).
+    """
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    params = list(params)
+    arrays = [p for p in params if is_robe_array(p)]
+    others = [p for p in params if not is_robe_array(p)]
+    if arrays:
+        tag_optimizer_in_backward(optimizer_class, arrays, optimizer_kwargs)
+    if others:
+        _apply_optimizer_in_backward(optimizer_class, others, dict(optimizer_kwargs), register_hook=register_hook)
 
 
 def param_config(param: torch.Tensor) -> Optional[RobeFusedOptimizerConfig]:

@@ -19,6 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from robe_torchrec import RobeEmbeddingBagCollection
 from robe_torchrec.optim import RobeFusedOptimizerConfig
+from robe_torchrec import apply_optimizer_in_backward as robe_apply_optimizer_in_backward
 from robe_torchrec.optim_in_backward import config_from_optimizer, tag_optimizer_in_backward
 from robe_torchrec.sharding.sharder import RobeEmbeddingBagCollectionSharder
 from tests.test_sharding import (
@@ -42,7 +43,13 @@ PLAIN_CASES = [
     pytest.param("torch", torch.optim.Adagrad, {"lr": 0.2, "eps": 1e-6}, RobeFusedOptimizerConfig("adagrad", lr=0.2, eps=1e-6), id="torch-Adagrad"),
     pytest.param("torchrec", trec_optim.Adagrad, {"lr": 0.2, "eps": 1e-6}, RobeFusedOptimizerConfig("adagrad", lr=0.2, eps=1e-6), id="torchrec-trec.Adagrad"),
     pytest.param("robe-tag", trec_optim.RowWiseAdagrad, {"lr": 0.5, "eps": 1e-4}, RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.5, eps=1e-4), id="tag-RowWiseAdagrad"),
+    pytest.param("robe", trec_optim.RowWiseAdagrad, {"lr": 0.5, "eps": 1e-4}, RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.5, eps=1e-4), id="robe-RowWiseAdagrad"),
+    pytest.param("robe", torch.optim.Adagrad, {"lr": 0.2, "eps": 1e-6}, RobeFusedOptimizerConfig("adagrad", lr=0.2, eps=1e-6), id="robe-Adagrad"),
 ]
+APPLY = {
+    "torch": _apply_optimizer_in_backward, "torchrec": apply_optimizer_in_backward, "robe-tag": tag_optimizer_in_backward,
+    "robe": robe_apply_optimizer_in_backward,
+}
 
 
 @pytest.mark.parametrize("api,cls,kwargs,expected", PLAIN_CASES)
@@ -50,8 +57,7 @@ def test_plain_module_trains_like_the_fused_optimizer_configured_directly(api, c
     model = _ebc(None)
     reference = _ebc(expected)
     assert torch.equal(model.arrays["g_a"], reference.arrays["g_a"])
-    apply = {"torch": _apply_optimizer_in_backward, "torchrec": apply_optimizer_in_backward, "robe-tag": tag_optimizer_in_backward}[api]
-    apply(cls, model.parameters(), kwargs)
+    APPLY[api](cls, model.parameters(), kwargs)
     assert model.fused_optimizer.config == expected  # adopted before the first forward
     for step in range(3):
         _, bags, _ = batch(step, 2)
@@ -67,6 +73,49 @@ def test_plain_module_trains_like_the_fused_optimizer_configured_directly(api, c
         torch.testing.assert_close(model.fused_optimizer.state_dict()["state"][key]["momentum1"], st["momentum1"], rtol=0, atol=0)
     # torchrec's filter keeps the arrays out of a dense optimizer
     assert not [n for n, _ in in_backward_optimizer_filter(model.named_parameters())]
+
+
+def test_torchrec_rowwise_adagrad_cannot_take_a_1d_array_but_the_drop_in_can():
+    """Why the drop-in exists: torchrec's RowWiseAdagrad is built per parameter and averages over dim 1."""
+    with pytest.raises(IndexError):
+        apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, _ebc(None).parameters(), {"lr": 0.1})
+    model = _ebc(None)
+    robe_apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, model.parameters(), {"lr": 0.1})
+    assert model.fused_optimizer.config == RobeFusedOptimizerConfig("rowwise_adagrad", lr=0.1)
+
+
+def test_drop_in_on_a_whole_dlrm_fuses_the_arrays_and_steps_the_rest_with_torch():
+    """One call on every parameter of a DLRM: ROBE arrays get the fused Adagrad, the MLP weights
+    torch's Adagrad stepped in backward. Reference: the fused optimizer configured directly plus
+    a plain torch Adagrad over the MLP parameters, stepped after backward."""
+    torch.manual_seed(0)
+    model = robe_dlrm(None, "reference")
+    reference = robe_dlrm("adagrad", "reference")
+    reference.load_state_dict(model.state_dict())
+    kwargs = {"lr": 0.05, "eps": 1e-6}
+    ref_ebc = reference.sparse_arch.embedding_bag_collection
+    ref_ebc.fused_optimizer.param_groups[0]["lr"] = kwargs["lr"]
+    ref_ebc.fused_optimizer.param_groups[0]["eps"] = kwargs["eps"]
+    dense = [p for n, p in reference.named_parameters() if ".arrays." not in n]
+    ref_opt = torch.optim.Adagrad(dense, **kwargs)
+    robe_apply_optimizer_in_backward(torch.optim.Adagrad, model.parameters(), kwargs)
+    for step in range(3):
+        d, bags, labels = batch(step, 1)
+        kjt = make_kjt(bags, 0, B_LOCAL)
+        ref_opt.zero_grad()
+        for m in (model, reference):
+            torch.nn.functional.binary_cross_entropy_with_logits(m(d, kjt).squeeze(1), labels).backward()
+        ref_opt.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name], p, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert all(p.grad is None for p in model.parameters())  # every update ran in backward
+
+
+def test_drop_in_refuses_an_unsupported_class_on_a_robe_array_before_tagging():
+    model = _ebc(None)
+    with pytest.raises(ValueError, match=r"torch\.optim\.adam\.Adam is not supported.*RowWiseAdagrad"):
+        robe_apply_optimizer_in_backward(torch.optim.Adam, model.parameters(), {"lr": 0.1})
+    assert not any(hasattr(p, "_optimizer_classes") for p in model.parameters())
 
 
 def test_unsupported_optimizers_and_options_raise_clearly():
@@ -94,8 +143,9 @@ def _sharded_in_backward(rank: int, world_size: int, types: Dict[str, str], cls:
     # the kernels read lr / eps from param_groups (as LR schedulers set them)
     reference.sparse_arch.embedding_bag_collection.fused_optimizer.param_groups[0]["eps"] = kwargs.get("eps", RobeFusedOptimizerConfig().eps)
     model = robe_dlrm(None, "reference")
-    apply = tag_optimizer_in_backward if cls is trec_optim.RowWiseAdagrad else apply_optimizer_in_backward
-    apply(cls, model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
+    # torchrec's examples tag the whole sparse arch; RowWiseAdagrad needs the drop-in (see above)
+    apply = robe_apply_optimizer_in_backward if cls is trec_optim.RowWiseAdagrad else apply_optimizer_in_backward
+    apply(cls, model.sparse_arch.parameters(), kwargs)
     sharders = [RobeEmbeddingBagCollectionSharder(fused_params=sharder_fused)]
     from torchrec.distributed.model_parallel import get_default_sharders
 

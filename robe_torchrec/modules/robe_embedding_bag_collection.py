@@ -28,7 +28,7 @@ from robe_torchrec.config import RobeConfig
 from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
 from robe_torchrec.ops.lookup import KERNELS, robe_pooled_lookup
 from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig
-from robe_torchrec.optim_in_backward import adopt_in_backward_optimizer
+from robe_torchrec.optim_in_backward import adopt_in_backward_optimizer, mark_robe_array
 
 DEFAULT_GROUP = "default"
 _EXTRA_STATE_KEY = "_extra_state"
@@ -382,6 +382,23 @@ class _RobeArrays(nn.ParameterDict):
     def __init__(self, params: Dict[str, nn.Parameter], init_ranges: Dict[str, float]) -> None:
         super().__init__(params)
         self._init_ranges = dict(init_ranges)
+        self._mark_arrays()
+
+    def _mark_arrays(self) -> None:
+        """Mark the arrays (``robe_torchrec.apply_optimizer_in_backward`` recognises them by it),
+        again after anything that may replace the Parameter objects: ``to`` / ``to_empty``
+        (``_apply``) and copy / unpickle (``__setstate__``)."""
+        for param in self.values():
+            mark_robe_array(param)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "_RobeArrays":
+        out = super()._apply(fn, recurse)
+        self._mark_arrays()
+        return out
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._mark_arrays()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

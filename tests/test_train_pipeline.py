@@ -66,14 +66,64 @@ def _batch(step: int, world_size: int, lo: int, hi: int, mixed: bool) -> Batch:
 
 
 
+def _with_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
+    """``model`` with every ROBE collection set to run ``kernel`` (same parameters)."""
+    for m in model.modules():
+        if isinstance(m, RobeEmbeddingBagCollection):
+            m._kernel = kernel
+    return model
+
+
+class BackendCalls:
+    """Counts calls into each lookup path: the C++ kernel, and the PyTorch ones (the reference
+    lookup of a whole array, the reference backend of the custom ops, the masked row-wise path)."""
+
+    PATHS = {
+        "cpu.forward": ("robe_torchrec.ops.cpu", "pooled_forward"),
+        "cpu.backward_fused": ("robe_torchrec.ops.cpu", "pooled_backward_fused"),
+        "reference.lookup": ("robe_torchrec.ops.lookup", "robe_pooled_lookup_reference"),
+        "reference.forward": ("robe_torchrec.ops.reference", "pooled_forward"),
+        "reference.op_forward": ("robe_torchrec.ops.library", "_reference_forward"),
+        "reference.masked": ("robe_torchrec.sharding.rw", "partial_pooled"),
+        "reference.masked_fused": ("robe_torchrec.sharding.rw", "partial_pooled_fused"),
+    }
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.counts: Dict[str, int] = {key: 0 for key in self.PATHS}
+        self._originals = []
+        for key, (module_name, name) in self.PATHS.items():
+            module = importlib.import_module(module_name)
+            original = getattr(module, name)
+            self._originals.append((module, name, original))
+            setattr(module, name, self._counted(key, original))
+
+    def _counted(self, key: str, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.counts[key] += 1
+            return original(*args, **kwargs)
+
+        return counted
+
+    def restore(self) -> None:
+        for module, name, original in self._originals:
+            setattr(module, name, original)
+
+    def snapshot(self) -> Dict[str, int]:
+        return dict(self.counts)
+
+
 def _pipeline_equals_plain(
     rank: int, world_size: int, types: Dict[str, str], fused: Optional[str], mixed: bool,
-    pipeline_cls: type = TrainPipelineSparseDist, in_backward: bool = False,
+    pipeline_cls: type = TrainPipelineSparseDist, in_backward: bool = False, kernel: str = "reference",
 ) -> int:
+    """The pipeline over the sharded model (its ROBE lookups on ``kernel``) vs the plain loop over
+    the unsharded model on the reference kernel."""
     torch.manual_seed(0)
     reference: torch.nn.Module = MixedTrain(fused) if mixed else DLRMTrain(robe_dlrm(fused, "reference"))
     if in_backward:  # torchrec's example idiom: the optimizer comes from the parameters' tag
-        model = DLRMTrain(robe_dlrm(None, "reference"))
+        model = DLRMTrain(robe_dlrm(None, kernel))
         apply_optimizer_in_backward(torch.optim.Adagrad, model.model.sparse_arch.parameters(), {"lr": LR, "eps": 1e-8})
         dmp, _ = plan_and_shard(model, types, world_size)
     elif mixed:
@@ -83,9 +133,10 @@ def _pipeline_equals_plain(
         # "unfused" is about the ROBE arrays.
         ebc_fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         sharders = [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(fused_params=ebc_fused)]
-        dmp, _ = plan_and_shard(copy.deepcopy(reference), types, world_size, sharders, {"s0": ParameterConstraints(sharding_types=["table_wise"])})
+        dmp, _ = plan_and_shard(_with_kernel(copy.deepcopy(reference), kernel), types, world_size, sharders,
+                                {"s0": ParameterConstraints(sharding_types=["table_wise"])})
     else:
-        dmp, _ = plan_and_shard(copy.deepcopy(reference), types, world_size)
+        dmp, _ = plan_and_shard(_with_kernel(copy.deepcopy(reference), kernel), types, world_size)
     copy_state(dmp, reference.state_dict())
     sharded = [m for m in dmp.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)]
     assert len(sharded) == 1 and sharded[0].sharding_types() == types
@@ -95,6 +146,8 @@ def _pipeline_equals_plain(
     pipeline = pipeline_cls(dmp, dmp_opt, torch.device("cpu"))
     lo, hi = rank * B_LOCAL, (rank + 1) * B_LOCAL
     batches: Iterator[Batch] = iter([_batch(s, world_size, lo, hi, mixed) for s in range(STEPS)])
+    calls = BackendCalls()
+    sharded_calls = {key: 0 for key in calls.counts}
     for step in range(STEPS):
         full = _batch(step, world_size, 0, B_LOCAL * world_size, mixed)
         ref_opt.zero_grad()
@@ -103,7 +156,9 @@ def _pipeline_equals_plain(
         ref_opt.step()
         ref_logits = ref_out[1] if isinstance(ref_out, tuple) else ref_out
 
+        before = calls.snapshot()
         out = pipeline.progress(batches)
+        sharded_calls = {k: sharded_calls[k] + calls.counts[k] - before[k] for k in sharded_calls}
         if step == 0 and pipeline_cls is TrainPipelineSparseDist:  # input dist really runs a batch ahead
             assert any(m is sharded[0] for m in pipeline._pipelined_modules), pipeline._pipelined_modules
             assert len(pipeline._pipelined_modules) == (2 if mixed else 1)
@@ -113,6 +168,8 @@ def _pipeline_equals_plain(
         torch.testing.assert_close(torch.cat(everyone), ref_logits.detach(), rtol=RTOL, atol=ATOL, msg=lambda m: f"step {step}: {m}")
     with pytest.raises(StopIteration):
         pipeline.progress(batches)
+    calls.restore()
+    _check_backend_calls(sharded_calls, types, kernel, fused or in_backward)
 
     state, ref_state = dmp.state_dict(), reference.state_dict()
     assert sorted(state) == sorted(ref_state)
@@ -120,6 +177,20 @@ def _pipeline_equals_plain(
     for key in arrays:
         torch.testing.assert_close(materialize(state[key]).reshape(ref_state[key].shape), ref_state[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
     return STEPS
+
+
+def _check_backend_calls(calls: Dict[str, int], types: Dict[str, str], kernel: str, fused: Any) -> None:
+    """Every ROBE lookup of the sharded model ran on ``kernel``'s path and none on the other
+    (row_wise on ``cpu``: the C++ element_range path, never the masked PyTorch one), and a fused
+    optimizer stepped inside the C++ backward for table_wise / row_wise groups."""
+    fast = calls["cpu.forward"] + calls["cpu.backward_fused"]
+    slow = sum(v for k, v in calls.items() if k.startswith("reference."))
+    if kernel == "cpu":
+        assert calls["cpu.forward"] > 0 and slow == 0, calls
+        if fused and set(types.values()) - {"data_parallel"}:
+            assert calls["cpu.backward_fused"] > 0, calls
+    else:
+        assert slow > 0 and fast == 0, calls
 
 
 CASES = [
@@ -140,14 +211,31 @@ def test_train_pipeline_sparse_dist_equals_plain_loop(types, fused, mixed):
     assert get_pool(2).run(_pipeline_equals_plain, types, fused, mixed) == [STEPS, STEPS]
 
 
+FAST_KERNEL_CASES = [
+    pytest.param({"g_a": "table_wise", "g_b": "row_wise"}, "rowwise_adagrad", False, id="table_wise+row_wise-rowwise_adagrad"),
+    pytest.param({"g_a": "row_wise", "g_b": "row_wise"}, "adagrad", False, id="row_wise-adagrad"),
+    pytest.param({"g_a": "table_wise", "g_b": "data_parallel"}, None, False, id="table_wise+data_parallel-unfused"),
+    pytest.param({"g_a": "row_wise", "g_b": "table_wise"}, "sgd", True, id="mixed-ebc-row_wise+table_wise-sgd"),
+]
+
+
+@pytest.mark.parametrize("types,fused,mixed", FAST_KERNEL_CASES)
+def test_train_pipeline_on_the_cpu_kernel_equals_plain_loop_on_the_reference(types, fused, mixed):
+    """The sharded lookups (table_wise pooling, row_wise element_range partial sums, fused steps)
+    on the C++ kernel inside the pipeline match the reference kernel's plain loop."""
+    result = get_pool(2).run(_pipeline_equals_plain, types, fused, mixed, TrainPipelineSparseDist, False, "cpu")
+    assert result == [STEPS, STEPS]
+
+
 def test_train_pipeline_base_equals_plain_loop():
     assert get_pool(2).run(_pipeline_equals_plain, {"g_a": "row_wise", "g_b": "table_wise"}, "sgd", True, TrainPipelineBase) == [STEPS, STEPS]
 
 
-def test_train_pipeline_with_optimizer_in_backward():
+@pytest.mark.parametrize("kernel", ["reference", "cpu"])
+def test_train_pipeline_with_optimizer_in_backward(kernel):
     """apply_optimizer_in_backward(Adagrad) before DMP, then TrainPipelineSparseDist == fused adagrad."""
     assert get_pool(2).run(_pipeline_equals_plain, {"g_a": "table_wise", "g_b": "row_wise"}, "adagrad", False,
-                           TrainPipelineSparseDist, True) == [STEPS, STEPS]
+                           TrainPipelineSparseDist, True, kernel) == [STEPS, STEPS]
 
 
 class WeightedTrain(torch.nn.Module):

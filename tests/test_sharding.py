@@ -63,6 +63,14 @@ def robe_dlrm(fused: Optional[str], kernel: str = "auto") -> DLRM:
     return DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
 
 
+def with_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
+    """``model`` with every ROBE collection in it set to run ``kernel`` (same parameters)."""
+    for m in model.modules():
+        if isinstance(m, RobeEmbeddingBagCollection):
+            m._kernel = kernel
+    return model
+
+
 def make_kjt(bags: Dict[str, List[List[int]]], lo: int, hi: int) -> KeyedJaggedTensor:
     lengths, values = [], []
     for f in bags:
@@ -132,8 +140,8 @@ def plan_and_shard(model: torch.nn.Module, types: Dict[str, str], world_size: in
 
 def _train_and_compare(rank: int, world_size: int, types: Dict[str, str], fused: Optional[str], steps: int, kernel: str) -> Dict[str, str]:
     torch.manual_seed(0)
-    reference = robe_dlrm(fused, kernel)
-    dmp, plan = plan_and_shard(copy.deepcopy(reference), types, world_size)
+    reference = robe_dlrm(fused, "reference")  # the unsharded model on the obviously-correct kernel
+    dmp, plan = plan_and_shard(with_kernel(copy.deepcopy(reference), kernel), types, world_size)
     copy_state(dmp, reference.state_dict())
     planned = {g: plan.plan[EBC_PATH][g].sharding_type for g in GROUPS}
     assert planned == types, planned

@@ -32,7 +32,7 @@ from robe_torchrec.sharding.sharded_module import ShardedRobeEmbeddingBagCollect
 from robe_torchrec.sharding.sharder import RobeEmbeddingBagCollectionSharder
 from tests.test_sharding import (
     ATOL, B_LOCAL, DIM, GROUPS, LR, RTOL, TABLE_TO_GROUP, batch, copy_state, make_kjt, materialize, plan_and_shard,
-    robe_dlrm, robe_tables,
+    robe_dlrm, robe_tables, with_kernel,
 )
 from tests.test_sharding_harness import get_pool
 
@@ -64,14 +64,6 @@ def _batch(step: int, world_size: int, lo: int, hi: int, mixed: bool) -> Batch:
         bags["e0"] = [[abs(i) % 50 for i in bag] for bag in bags["f0"]]
     return Batch(dense_features=dense[lo:hi], sparse_features=make_kjt(bags, lo, hi), labels=labels[lo:hi])
 
-
-
-def _with_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
-    """``model`` with every ROBE collection set to run ``kernel`` (same parameters)."""
-    for m in model.modules():
-        if isinstance(m, RobeEmbeddingBagCollection):
-            m._kernel = kernel
-    return model
 
 
 class BackendCalls:
@@ -133,10 +125,10 @@ def _pipeline_equals_plain(
         # "unfused" is about the ROBE arrays.
         ebc_fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         sharders = [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(fused_params=ebc_fused)]
-        dmp, _ = plan_and_shard(_with_kernel(copy.deepcopy(reference), kernel), types, world_size, sharders,
+        dmp, _ = plan_and_shard(with_kernel(copy.deepcopy(reference), kernel), types, world_size, sharders,
                                 {"s0": ParameterConstraints(sharding_types=["table_wise"])})
     else:
-        dmp, _ = plan_and_shard(_with_kernel(copy.deepcopy(reference), kernel), types, world_size)
+        dmp, _ = plan_and_shard(with_kernel(copy.deepcopy(reference), kernel), types, world_size)
     copy_state(dmp, reference.state_dict())
     sharded = [m for m in dmp.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)]
     assert len(sharded) == 1 and sharded[0].sharding_types() == types

@@ -1,4 +1,4 @@
-"""Serving artifacts: ``torch.export`` of a model holding QuantRobeEmbeddingBagCollections, saved with its ROBE layout.
+"""Serving artifacts: ``torch.export`` of a model holding ROBE modules, saved with its ROBE layout.
 
     qmodel = quantize_inference_model(model, quantization_mapping=robe_quantization_mapping())
     program = export_model(qmodel, (dense, kjt))         # dynamic batch size and id count
@@ -6,10 +6,16 @@
     program = load_exported("model.pt2")                  # a fresh process: no training code needed
     logits = program.module()(dense, kjt)
 
-The program's ``layout`` buffers (hash version, m, Z, seed per group) travel inside it; the same
-layout is also written as JSON next to the program in the archive (``extra_files``) and checked
-against the buffers on load, and ``load_exported(..., expected_layout=...)`` refuses an artifact
-made under another layout.
+A quantized model's ``layout`` buffers (hash version, m, Z, seed per group) travel inside the
+program; the same layout is also written as JSON next to the program in the archive
+(``extra_files``) and checked against the buffers on load, and ``load_exported(...,
+expected_layout=...)`` refuses an artifact made under another layout.
+
+A float model (RobeEmbeddingBagCollection, e.g. the training model in eval mode) exports the same
+way; it has no layout buffer, so ``save_exported(program, path, layout=robe_layouts(model))``
+records the layout from the module, and loading checks the record's m and Z against the program's
+arrays and the ``robe::pooled_forward`` calls of its graph (the seed is baked into the graph's
+hash-key constants, which the record states but cannot be recomputed without the table names).
 
 Loading unpickles nothing: ``save_exported`` stores no example inputs (torch would pickle the
 KeyedJaggedTensor and, on load, fall back to ``torch.load(weights_only=False)`` for it), and
@@ -30,8 +36,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 
+from robe_torchrec.hashing import HASH_VERSION
 from robe_torchrec.modules.quant_robe_embedding_bag_collection import QuantRobeEmbeddingBagCollection
-from robe_torchrec.ops import stored_lookup  # noqa: F401  (registers torch.ops.robe.*)
+from robe_torchrec.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+from robe_torchrec.ops import library, stored_lookup  # noqa: F401  (register torch.ops.robe.*)
 from robe_torchrec.pickle_free import UnsafeArchiveError, check_pickle_free
 
 LAYOUT_FILE = "robe_layout.json"
@@ -44,13 +52,22 @@ class ArtifactError(ValueError):
 _FIELDS = ("hash_version", "num_elements", "block_size", "seed")
 
 
-def robe_layouts(model: torch.nn.Module) -> Dict[str, List[Dict[str, int]]]:
-    """``{module path: [per-group layout]}`` of every QuantRobeEmbeddingBagCollection in ``model``."""
-    return {
-        name: [dict(zip(_FIELDS, row)) for row in module.layout.tolist()]
-        for name, module in model.named_modules()
-        if isinstance(module, QuantRobeEmbeddingBagCollection)
-    }
+Layouts = Dict[str, List[Dict[str, int]]]
+
+
+def robe_layouts(model: torch.nn.Module) -> Layouts:
+    """``{module path: [per-group layout]}`` of every ROBE module in ``model`` (quantized: from its
+    ``layout`` buffer; float: from its configs, in group order, the same as its quantized twin's)."""
+    out: Layouts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantRobeEmbeddingBagCollection):
+            out[name] = [dict(zip(_FIELDS, row)) for row in module.layout.tolist()]
+        elif isinstance(module, RobeEmbeddingBagCollection):
+            out[name] = [
+                dict(zip(_FIELDS, (HASH_VERSION, c.num_elements, c.block_size, c.seed)))
+                for c in module.robe_configs().values()
+            ]
+    return out
 
 
 def _dynamic_shapes(args: Tuple[Any, ...]) -> Tuple[Any, ...]:
@@ -72,9 +89,9 @@ def export_model(model: torch.nn.Module, example_args: Tuple[Any, ...]) -> Expor
     """``torch.export.export(strict=False)`` with dynamic batch size and dynamic number of ids."""
     if not robe_layouts(model):
         raise ValueError(
-            "export_model expects a model with a QuantRobeEmbeddingBagCollection: quantize it first with "
-            "torchrec.inference.modules.quantize_inference_model(model, quantization_mapping="
-            "robe_quantization_mapping()) (storage int8, or bfloat16 / float16 / float32 via from_float)"
+            "export_model expects a model with a RobeEmbeddingBagCollection or, to serve int8 / bf16 / fp16 "
+            "arrays, a QuantRobeEmbeddingBagCollection (torchrec.inference.modules.quantize_inference_model("
+            "model, quantization_mapping=robe_quantization_mapping())); this one has neither"
         )
     model.eval()
     args = tuple(example_args)
@@ -83,10 +100,23 @@ def export_model(model: torch.nn.Module, example_args: Tuple[Any, ...]) -> Expor
         return torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args), strict=False)
 
 
-def save_exported(program: ExportedProgram, path: str) -> None:
+def save_exported(program: ExportedProgram, path: str, layout: Optional[Layouts] = None) -> None:
     """``torch.export.save`` with the ROBE layout of the program recorded beside it in the archive,
-    and without the example inputs (a pickled KeyedJaggedTensor: loading it needs unpickling)."""
-    extra = {LAYOUT_FILE: json.dumps(_program_layouts(program), sort_keys=True)}
+    and without the example inputs (a pickled KeyedJaggedTensor: loading it needs unpickling).
+
+    ``layout``: ``robe_layouts(model)``; needed when the program holds float ROBE modules (their
+    layout is not a buffer), checked against the program either way."""
+    record = _quant_layouts(program)
+    floats = _float_arrays(program)
+    if floats and layout is None:
+        raise ValueError(
+            f"save_exported: the program holds float ROBE module(s) {sorted(floats)} whose layout is not a "
+            "buffer; pass layout=robe_layouts(model) (the model that was exported)"
+        )
+    if layout is not None:
+        record = dict(layout)
+        _check_record(program, record, str(path))
+    extra = {LAYOUT_FILE: json.dumps(record, sort_keys=True)}
     examples = program.example_inputs
     program.example_inputs = None  # restored below: the caller's program keeps its examples
     try:
@@ -95,9 +125,10 @@ def save_exported(program: ExportedProgram, path: str) -> None:
         program.example_inputs = examples
 
 
-def load_exported(path: str, expected_layout: Optional[Dict[str, List[Dict[str, int]]]] = None) -> ExportedProgram:
-    """Load an artifact written by :func:`save_exported`; refuse one whose layout record does not match
-    its own buffers or ``expected_layout`` (as :func:`robe_layouts` returns it)."""
+def load_exported(path: str, expected_layout: Optional[Layouts] = None) -> ExportedProgram:
+    """Load an artifact written by :func:`save_exported`; refuse one that would need unpickling, or
+    whose layout record does not match the program or ``expected_layout`` (as :func:`robe_layouts`
+    returns it)."""
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: no such serving artifact")
     if not zipfile.is_zipfile(path):
@@ -116,18 +147,59 @@ def load_exported(path: str, expected_layout: Optional[Dict[str, List[Dict[str, 
     if not extra[LAYOUT_FILE]:
         raise ArtifactError(f"{path}: not a robe-torchrec serving artifact (no {LAYOUT_FILE} inside)")
     recorded = json.loads(extra[LAYOUT_FILE])
-    actual = _program_layouts(program)
-    if recorded != actual:
-        raise ArtifactError(f"{path}: the recorded ROBE layout {recorded} does not match the program's buffers {actual}")
-    if expected_layout is not None and expected_layout != actual:
-        raise ArtifactError(f"{path}: made with ROBE layout {actual}, expected {expected_layout}; refusing to serve it")
+    try:
+        _check_record(program, recorded, path)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from exc
+    if expected_layout is not None and expected_layout != recorded:
+        raise ArtifactError(f"{path}: made with ROBE layout {recorded}, expected {expected_layout}; refusing to serve it")
     return program
 
 
-def _program_layouts(program: ExportedProgram) -> Dict[str, List[Dict[str, int]]]:
-    out: Dict[str, List[Dict[str, int]]] = {}
+def _quant_layouts(program: ExportedProgram) -> Layouts:
+    """The layouts of the program's quantized ROBE modules, from their ``layout`` buffers."""
+    out: Layouts = {}
     for name, tensor in program.state_dict.items():
         if name == "layout" or name.endswith(".layout"):
             module = name[: -len(".layout")] if name.endswith(".layout") else ""
             out[module] = [dict(zip(_FIELDS, row)) for row in tensor.tolist()]
     return out
+
+
+def _float_arrays(program: ExportedProgram) -> Dict[str, List[int]]:
+    """``{module path: [array numel per group]}`` of the program's float ROBE modules (``<path>.arrays.<group>``)."""
+    out: Dict[str, List[int]] = {}
+    for name, tensor in program.state_dict.items():
+        head, sep, _ = name.rpartition(".arrays.")
+        if sep and "." not in name[len(head) + len(sep):]:
+            out.setdefault(head, []).append(int(tensor.numel()))
+    return out
+
+
+def _lookup_shapes(program: ExportedProgram) -> set:
+    """(m, Z) of every ``robe::pooled_forward`` call in the program's graph."""
+    return {
+        (int(node.args[9]), int(node.args[8]))
+        for node in program.graph.nodes
+        if node.op == "call_function" and node.target is torch.ops.robe.pooled_forward.default
+    }
+
+
+def _check_record(program: ExportedProgram, record: Layouts, where: str) -> None:
+    """The layout record agrees with the program: quantized modules exactly (their buffers); float
+    modules in m (array sizes) and Z (the lookups' arguments). Raises ValueError naming ``where``."""
+    quant, floats = _quant_layouts(program), _float_arrays(program)
+    if set(record) != set(quant) | set(floats):
+        raise ValueError(f"{where}: the ROBE layout record names modules {sorted(record)}, the program has "
+                         f"{sorted(set(quant) | set(floats))}")
+    for module, groups in quant.items():
+        if record[module] != groups:
+            raise ValueError(f"{where}: the recorded ROBE layout of {module!r} {record[module]} does not match "
+                             f"the program's buffers {groups}")
+    shapes = _lookup_shapes(program)  # empty for the reference kernel's plain-torch path: m checked only
+    for module, sizes in floats.items():
+        stated = [g["num_elements"] for g in record[module]]
+        zs = [{z for m, z in shapes if m == g["num_elements"]} for g in record[module]]
+        if stated != sizes or any(z and g["block_size"] not in z for g, z in zip(record[module], zs)):
+            raise ValueError(f"{where}: the recorded ROBE layout of {module!r} {record[module]} does not match the "
+                             f"program (array sizes {sizes}, lookups (m, Z) {sorted(shapes)})")

@@ -14,7 +14,7 @@ bytes on the wire); MEAN divides after the reduction, where the whole bag is kno
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,16 @@ def has_reduce_scatter(pg: dist.ProcessGroup) -> bool:
     except Exception:  # noqa: BLE001 - a fake/unknown group: be conservative
         return False
     return str(backend).lower() not in _NO_REDUCE_SCATTER
+
+
+def _split_by_rank(bucket: Any, world_size: int) -> List[Any]:
+    """Per rank, (values, lengths, weights) of one group's rank-major bucket."""
+    values, lengths, weights, per_rank = bucket
+    counts = per_rank.tolist()
+    vs = values.split(counts)
+    ls = lengths.split(lengths.numel() // world_size)
+    ws = [None] * world_size if weights is None else weights.split(counts)
+    return list(zip(vs, ls, ws))
 
 
 class RobeRwSharding(RobeSharding):
@@ -72,39 +82,41 @@ class RobeRwSharding(RobeSharding):
     def input_dist(self, ctx: RobeShardingContext, features: KeyedJaggedTensor) -> Any:
         kjt = self.select(features, self._num_features)
         parts = kjt.split([g.layout.num_features for g in self.groups]) if len(self.groups) > 1 else [kjt]
-        per_rank: List[List[Any]] = [[] for _ in range(self._world_size)]  # [rank][group] -> (values, lengths, weights)
+        buckets = []
         for g, part in zip(self.groups, parts):
             if any(g.layout.mean):
                 ctx.lengths[g.name] = part.lengths().view(g.layout.num_features, part.stride())
-            for r, piece in enumerate(self._bucketize(g, part)):
-                per_rank[r].append(piece)
-        flat = [piece for pieces in per_rank for piece in pieces]
-        weighted = flat[0][2] is not None
+            buckets.append(self._bucketize(g, part))
+        if len(buckets) == 1:  # already rank-major
+            values, lengths, weights, _ = buckets[0]
+        else:  # rank-major over groups: rank 0's pieces of every group, then rank 1's, ...
+            pieces = [_split_by_rank(b, self._world_size) for b in buckets]
+            order = [pieces[gi][r] for r in range(self._world_size) for gi in range(len(pieces))]
+            values = torch.cat([p[0] for p in order])
+            lengths = torch.cat([p[1] for p in order])
+            weights = None if order[0][2] is None else torch.cat([p[2] for p in order])
         return self._dist(
             KeyedJaggedTensor(
-                keys=list(kjt.keys()) * self._world_size,
-                values=torch.cat([p[0] for p in flat]),
-                lengths=torch.cat([p[1] for p in flat]),
-                weights=torch.cat([p[2] for p in flat]) if weighted else None,
-                stride=kjt.stride(),
+                keys=list(kjt.keys()) * self._world_size, values=values, lengths=lengths, weights=weights, stride=kjt.stride()
             )
         )
 
-    def _bucketize(self, g: Group, kjt: KeyedJaggedTensor) -> List[Any]:
-        """Per destination rank, (values, lengths, weights) of the lookups it must sum."""
+    def _bucketize(self, g: Group, kjt: KeyedJaggedTensor) -> "Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]":
+        """The lookups each rank must sum, rank-major: (values, lengths ``[W * bags]``, weights,
+        ids per rank ``[W]``). One ``nonzero`` over the transposed owner mask orders them by rank
+        and keeps each bag's ids in order (one host sync, not one per rank)."""
         assert g.ranges is not None
         values = kjt.values()
         ids = values if values.dtype == torch.int64 else values.to(torch.int64)
         lengths = kjt.lengths()
         weights = kjt.weights_or_none()
+        nbags = lengths.numel()
         mask = owner_mask(ids, lengths, kjt.stride(), g.layout, self._hash_keys[g.name], g.ranges)  # [nnz, W]
-        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=ids.numel())
-        out = []
-        for r in range(self._world_size):
-            sel = mask[:, r].nonzero().squeeze(1)
-            lens = torch.bincount(bags[sel], minlength=lengths.numel()).to(lengths.dtype)
-            out.append((values[sel], lens, None if weights is None else weights[sel]))
-        return out
+        bags = torch.repeat_interleave(torch.arange(nbags, device=ids.device), lengths, output_size=ids.numel())
+        rank, pos = mask.t().nonzero(as_tuple=True)
+        lens = torch.bincount(rank * nbags + bags[pos], minlength=self._world_size * nbags).to(lengths.dtype)
+        per_rank = lens.view(self._world_size, nbags).sum(dim=1)
+        return values[pos], lens, None if weights is None else weights[pos], per_rank
 
     # ----- lookup and output dist -------------------------------------------------------------
 

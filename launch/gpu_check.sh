@@ -5,8 +5,15 @@
 #
 #   Here:  python3 -m pip download ... -d .whl torchrec==1.6.1 fbgemm-gpu-cpu==1.6.0 tensordict==0.11.0 \
 #            pyvers==0.2.2 orjson importlib_metadata iopath      (results: docs/benchmarks.md)
-#   There: bash launch/gpu_check.sh            (the device tool carries .whl)
+#   There: bash launch/gpu_check.sh [tests|bench|all]   (the device tool carries .whl)
+#
+# Phases, each sized to fit one 10-minute device call: `tests` (GPU tests: module, Triton kernels,
+# row-wise element_range, reduced precision, serving formats, and the app's one-process
+# TrainPipelineSparseDist == plain loop per sharding type on CUDA: NCCL, streams, Triton) and
+# `bench` (lookup, gather ceiling, DLRM_DCN inference). `all` (the default) runs both.
 set -uo pipefail
+PHASE="${1:-all}"
+case "$PHASE" in tests|bench|all) ;; *) echo "usage: gpu_check.sh [tests|bench|all]"; exit 2;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
@@ -29,19 +36,24 @@ print("torch", torch.__version__, "triton", triton.__version__, "torchrec", md.v
 PY
 
 status=0
-timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider \
+test_rc=- bench_rc=- gather_rc=- infer_rc=-
+if [ "$PHASE" != bench ]; then
+timeout "${GPU_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider \
   tests/test_gpu_module.py tests/test_ops_triton.py tests/test_element_range_triton.py \
-  tests/test_reduced_precision_triton.py tests/test_stored_triton.py tests/test_hashing.py 2>&1 | tee "$OUT/tests.log"
+  tests/test_reduced_precision_triton.py tests/test_stored_triton.py tests/test_hashing.py \
+  "tests/test_train_loop.py::test_one_process_pipeline_equals_plain_loop_per_sharding_type" 2>&1 | tee "$OUT/tests.log"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" = 0 ] || status=1
+fi
+if [ "$PHASE" != tests ]; then
 
-timeout "${GPU_BENCH_TIMEOUT:-200}" python3 -m robe_torchrec.bench.lookup --device cuda --batch 65536 \
+timeout "${GPU_BENCH_TIMEOUT:-180}" python3 -m robe_torchrec.bench.lookup --device cuda --batch 65536 \
   --shapes "${GPU_BENCH_SHAPES:-a,b,m}" --sides robe,tbe,torch --iters 10 --warmup 3 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 0 ] || status=1
 
 # the gather ceiling (ROBE's access pattern without the hash) beside the Triton forward, fp32 and bf16
-timeout "${GPU_GATHER_TIMEOUT:-120}" python3 -m robe_torchrec.bench.gather_limit --device cuda --batch 65536 \
+timeout "${GPU_GATHER_TIMEOUT:-100}" python3 -m robe_torchrec.bench.gather_limit --device cuda --batch 65536 \
   --shapes a,b,m 2>&1 | tee "$OUT/gather_limit.log"
 gather_rc=${PIPESTATUS[0]}
 [ "$gather_rc" = 0 ] || status=1
@@ -50,16 +62,17 @@ gather_rc=${PIPESTATUS[0]}
 # TF32 MLPs with rows/4 tables, then bf16 autocast with the unscaled MLPerf tables stored in bf16 (52 GB).
 infer_rc=0
 for args in "--precision tf32" "--precision bf16 --row-scale 1 --full-dtype bfloat16"; do
-  timeout "${GPU_INFER_TIMEOUT:-150}" python3 -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536 \
+  timeout "${GPU_INFER_TIMEOUT:-140}" python3 -m tools.fbgemm_shims robe_torchrec.bench.inference --device cuda --batch 65536 \
     --iters 10 $args 2>&1 | tee -a "$OUT/inference.log"
   [ "${PIPESTATUS[0]}" = 0 ] || infer_rc=1
 done
 [ "$infer_rc" = 0 ] || status=1
+fi
 
 echo
 echo "== summary: tests rc=$test_rc, bench rc=$bench_rc, gather rc=$gather_rc, inference rc=$infer_rc =="
-tail -n 3 "$OUT/tests.log"
-grep -E "^#|^\|" "$OUT/bench.log" || true
-grep -E "^#|^\|" "$OUT/gather_limit.log" || true
-grep -E "^#|^\||^ROBE|^full" "$OUT/inference.log" || true
+[ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log"
+[ -f "$OUT/bench.log" ] && { grep -E "^#|^\|" "$OUT/bench.log" || true; }
+[ -f "$OUT/gather_limit.log" ] && { grep -E "^#|^\|" "$OUT/gather_limit.log" || true; }
+[ -f "$OUT/inference.log" ] && { grep -E "^#|^\||^ROBE|^full" "$OUT/inference.log" || true; }
 exit $status

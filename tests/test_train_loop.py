@@ -136,15 +136,16 @@ def test_pipeline_equals_plain_loop_one_process(tmp_path):
     assert_same_params(local_params(plain.model), local_params(pipe.model))
 
 
-def test_pipeline_equals_plain_loop_on_the_same_dmp(tmp_path):
-    """Both loops on the same 1-rank DMP model (Adagrad, evaluations mid-run: the pipeline is
-    detached and re-attached): the pipeline changes nothing but the order of work."""
+def _both_loops_on_one_rank(tmp_path, device: str, *extra: str) -> Dict[str, str]:
+    """Train with the plain loop and with the pipeline, each on a fresh 1-rank DMP of the same
+    model on ``device``; assert the same metrics and parameters; return the plan's sharding types."""
     from robe_torchrec.app.dist_env import init_one_process_group, setup, teardown
 
-    params = {}
+    params, types = {}, {}
     for loop in ("plain", "sparse_dist"):
-        cfg, _ = train.parse_args(["--config", SMALL, "--set", *sets(tmp_path / loop, "train.steps=8", f"train.pipeline={loop}")])
-        env = setup("cpu")
+        overrides = sets(tmp_path / loop, "train.steps=8", f"train.pipeline={loop}", f"train.device={device}", *extra)
+        cfg, _ = train.parse_args(["--config", SMALL, "--set", *overrides])
+        env = setup(device)
         init_one_process_group(env)
         try:
             result = train.run(cfg, env, resume=False)
@@ -152,9 +153,30 @@ def test_pipeline_equals_plain_loop_on_the_same_dmp(tmp_path):
             teardown()
         assert result.plan is not None
         params[loop] = local_params(result.model)
+        types[loop] = {g: p.sharding_type for plan in result.plan.plan.values() for g, p in plan.items()}
     assert_same_metrics(tmp_path / "plain", tmp_path / "sparse_dist")
     for k, v in params["plain"].items():
         torch.testing.assert_close(v, params["sparse_dist"][k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert types["plain"] == types["sparse_dist"]
+    return types["plain"]
+
+
+def test_pipeline_equals_plain_loop_on_the_same_dmp(tmp_path):
+    """Both loops on the same 1-rank DMP model (Adagrad, evaluations mid-run: the pipeline is
+    detached and re-attached): the pipeline changes nothing but the order of work."""
+    _both_loops_on_one_rank(tmp_path, "cpu")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stype", ["data_parallel", "table_wise", "row_wise"])
+def test_one_process_pipeline_equals_plain_loop_per_sharding_type(tmp_path, device, stype):
+    """The app on one process per sharding type (a 1-rank gloo group on CPU; on a GPU a 1-rank
+    NCCL group, CUDA streams in the pipeline and the Triton kernels): pipeline == plain loop."""
+    types = _both_loops_on_one_rank(tmp_path, device, f"robe.sharding_type={stype}")
+    assert set(types.values()) >= {stype}, types
 
 
 def test_resume_under_the_pipeline_equals_uninterrupted_run(tmp_path):

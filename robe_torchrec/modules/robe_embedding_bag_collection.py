@@ -7,7 +7,6 @@ than a vocabulary. It subclasses ``EmbeddingBagCollectionInterface``, not
 ``EmbeddingBagCollection``: DistributedModelParallel and the planner match the exact type.
 """
 
-from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -25,6 +24,7 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 
 from robe_torchrec.config import RobeConfig
+from robe_torchrec.modules.traced_lookup import traced_forward
 from robe_torchrec.ops.layout import FeatureLayout, distinct_dims
 from robe_torchrec.ops.lookup import KERNELS, robe_pooled_lookup
 from robe_torchrec.optim import RobeFusedOptimizer, RobeFusedOptimizerConfig
@@ -84,6 +84,10 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
     ``ROBE_TORCHREC_DEBUG_CHECKS=1`` (it needs a device-to-host sync per forward). Ids may be any
     int64 (negative too: the hash reads the id's 64-bit two's-complement form) or int32.
     The array is ``arrays.<group>`` in the state dict.
+
+    ``torchrec.fx.symbolic_trace`` traces it (one ``robe_traced_lookup`` node over the
+    ``robe::pooled_forward`` op, see ``modules/traced_lookup.py``) and ``torch.jit.script`` compiles
+    the traced graph, as torchrec's inference flow expects of an EBC.
 
     Precision: a group's array has its tables' ``EmbeddingBagConfig.data_type`` (FP32, BF16 or
     FP16, mapped as torchrec's ``data_type_to_dtype``; all tables of a group must agree; torchrec's
@@ -239,6 +243,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pool every configured feature of ``features``; output keys as torchrec's EBC."""
+        if isinstance(features, torch.fx.Proxy):  # torchrec.fx.symbolic_trace: see modules/traced_lookup.py
+            return traced_forward(self, features)
         features = self._validated(features)
         batch_size = features.stride()
         values = features.values()

@@ -159,7 +159,7 @@ def robe_pooled_lookup(
         if optimizer is not None:
             return fused_lookup(array, batch, optimizer, name)
         return _forward_op(array, batch, name)
-    runs = [batch.features(f0, f1, dims[f0]) for f0, f1 in _dim_runs(dims)]
+    runs = [batch.features(f0, f1, dims[f0]) for f0, f1 in dim_runs(dims)]
     if optimizer is None:  # autograd sums the runs' dense gradients
         return torch.cat([_forward_op(array, run, name) for run in runs], dim=1)
     return _RobeLookupRuns.apply(array, runs, name, optimizer)
@@ -174,7 +174,7 @@ def _forward_op(array: torch.Tensor, batch: LookupBatch, kernel: str) -> torch.T
     )
 
 
-def _dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
+def dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
     """Maximal [f0, f1) runs of features with equal dims."""
     runs, start = [], 0
     for f in range(1, len(dims) + 1):

@@ -24,7 +24,7 @@ from robe_torchrec.ops.layout import FeatureLayout
 from robe_torchrec.ops.lookup import (
     FusedArg,
     _backend,
-    _dim_runs,
+    dim_runs,
     _optimizer_args,
     resolve_kernel,
     runs_dense_grad,
@@ -81,7 +81,7 @@ def robe_shard_lookup(
         num_elements=layout.num_elements,
         element_range=(lo, hi),
     )
-    runs = [batch.features(f0, f1, layout.dims[f0]) for f0, f1 in _dim_runs(layout.dims)]
+    runs = [batch.features(f0, f1, layout.dims[f0]) for f0, f1 in dim_runs(layout.dims)]
     return _ShardLookup.apply(local, runs, kernel, optimizer)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -93,11 +94,29 @@ def export_model(model: torch.nn.Module, example_args: Tuple[Any, ...]) -> Expor
             "arrays, a QuantRobeEmbeddingBagCollection (torchrec.inference.modules.quantize_inference_model("
             "model, quantization_mapping=robe_quantization_mapping())); this one has neither"
         )
+    _warn_if_robe_left_float(model)
     model.eval()
     args = tuple(example_args)
     # size-oblivious: a batch of 1 (or one id) must not be specialised away from the example's sizes
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         return torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(args), strict=False)
+
+
+def _warn_if_robe_left_float(model: torch.nn.Module) -> None:
+    """Torchrec tables quantized but ROBE arrays still float: quantize_inference_model ran with a
+    quantization_mapping that lacks ROBE (a float export is fine, but probably not what was meant)."""
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC, EmbeddingCollection as QuantEC
+
+    modules = list(model.modules())
+    float_robe = [type(m).__name__ for m in modules if isinstance(m, RobeEmbeddingBagCollection)]
+    if float_robe and any(isinstance(m, (QuantEBC, QuantEC)) for m in modules):
+        warnings.warn(
+            "export_model: the model's torchrec tables are quantized but its RobeEmbeddingBagCollection(s) "
+            "are still float32: the quantization_mapping given to quantize_inference_model lacks ROBE; add "
+            "robe_quantization_mapping() to it (torchrec's default mapping has ROBE once robe_torchrec is imported)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def save_exported(program: ExportedProgram, path: str, layout: Optional[Layouts] = None) -> None:

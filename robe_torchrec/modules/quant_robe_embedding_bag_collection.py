@@ -2,7 +2,8 @@
 
 What torchrec's ``QuantEmbeddingBagCollection`` is to an ``EmbeddingBagCollection``: built from a
 trained float module by ``from_float`` (which torchrec's ``quantize_inference_model`` calls through
-its ``quantization_mapping``, see :func:`robe_quantization_mapping`), same inputs and outputs (KJT in,
+its ``quantization_mapping``: torchrec's default one once ``robe_torchrec.modules`` is imported, see
+:func:`register_default_quantization`, or :func:`robe_quantization_mapping`), same inputs and outputs (KJT in,
 KeyedTensor out in torchrec's order), no gradients. The lookup is one ``robe::pooled_lookup_stored``
 custom op (``robe_torchrec.ops.stored_lookup``) over every group at once, so the module traces
 through ``torchrec.fx.symbolic_trace`` and ``torch.export`` and scripts with ``torch.jit.script``.
@@ -194,13 +195,31 @@ def _layout_tensor(configs: List[RobeConfig], device: torch.device) -> torch.Ten
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
+def _robe_typename() -> str:
+    from torchrec.inference.modules import trim_torch_package_prefix_from_typename
+
+    return trim_torch_package_prefix_from_typename(torch.typename(RobeEmbeddingBagCollection))
+
+
 def robe_quantization_mapping() -> Dict[str, Type[nn.Module]]:
     """torchrec's default ``quantization_mapping`` plus ROBE -> QuantRobe, for
-    ``torchrec.inference.modules.quantize_inference_model(model, quantization_mapping=...)``."""
-    from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, trim_torch_package_prefix_from_typename
+    ``torchrec.inference.modules.quantize_inference_model(model, quantization_mapping=...)``
+    (or for extending a mapping of your own: ``{**mine, **robe_quantization_mapping()}``)."""
+    from torchrec.inference.modules import DEFAULT_QUANT_MAPPING
 
     mapping = dict(DEFAULT_QUANT_MAPPING)
-    mapping[trim_torch_package_prefix_from_typename(torch.typename(RobeEmbeddingBagCollection))] = (
-        QuantRobeEmbeddingBagCollection
-    )
+    mapping[_robe_typename()] = QuantRobeEmbeddingBagCollection
     return mapping
+
+
+def register_default_quantization() -> None:
+    """Add ROBE -> QuantRobe to torchrec's ``DEFAULT_QUANT_MAPPING`` (idempotent).
+
+    ``quantize_inference_model(model)`` without a ``quantization_mapping`` reads that public dict
+    (typename -> quantized class) when it runs; torchrec has no registration function, and this
+    adds one key for our own type only, so torchrec's entries and behaviour for every other module
+    are unchanged. Called when ``robe_torchrec.modules`` is imported, which any process holding a
+    RobeEmbeddingBagCollection has done."""
+    from torchrec.inference.modules import DEFAULT_QUANT_MAPPING
+
+    DEFAULT_QUANT_MAPPING.setdefault(_robe_typename(), QuantRobeEmbeddingBagCollection)

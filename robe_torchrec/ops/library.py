@@ -10,7 +10,12 @@ Ops (namespace ``robe``), one embedding dim per call, as the kernel API of
   ``register_autograd`` (the array's gradient; ids, offsets and weights get none);
 - ``robe::pooled_backward_fused(grad_out, array, state, indices, ..., kind, lr, eps, kernel,
   rounding_seed=-1)``: one optimizer step that mutates ``array`` and ``state`` (``mutates_args``),
-  lr / eps as floats.
+  lr / eps as floats;
+- ``robe::apply_optimizer_dense(array, state, grad, kind, lr, eps, block_size)``: the same update
+  rules on a dense float32 gradient, in place. A layout with several embedding dims looks each dim
+  run up separately (the kernels take one dim per call) and must step ONCE on the sum of the runs'
+  gradients (Adagrad is not additive): :func:`fused_runs_lookup` sums ``pooled_backward_dense`` of
+  every run and applies this op, so that layout compiles without graph breaks too.
 
 Arrays may be float32, bfloat16 or float16: the forward returns float32 (float32 accumulation), the
 dense backward computes a float32 gradient and the forward's autograd rounds it to the array's
@@ -40,14 +45,18 @@ therefore recompiles every step until dynamo's cache limit, and then runs eagerl
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from robe_torchrec.hashing import block_offsets, element_indices
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, OptimizerKind, check_array_dtype
+from robe_torchrec.ops.reference import apply_optimizer_dense as _apply_dense, require_nearest_rounding
 
-__all__ = ["fused_lookup", "pooled_backward_dense", "pooled_backward_fused", "pooled_forward"]
+__all__ = [
+    "apply_optimizer_dense", "fused_lookup", "fused_runs_lookup", "pooled_backward_dense", "pooled_backward_fused",
+    "pooled_forward",
+]
 
 _BACKENDS = {
     "reference": "robe_torchrec.ops.reference",
@@ -235,6 +244,29 @@ def _(grad_out, array, state, indices, offsets, hash_keys, mean, weights, batch_
     return None
 
 
+@torch.library.custom_op("robe::apply_optimizer_dense", mutates_args=("array", "state"))
+def apply_optimizer_dense(
+    array: torch.Tensor,
+    state: torch.Tensor,
+    grad: torch.Tensor,
+    kind: str,
+    lr: float,
+    eps: float,
+    block_size: int,
+) -> None:
+    """One ``kind`` step of the fused optimizers' update rules on a dense float32 ``grad`` ([m]), in
+    place; a bf16 / fp16 array is stepped in float32 and rounded to nearest even."""
+    check_array_dtype(array, "robe::apply_optimizer_dense")
+    if grad.numel() != array.numel():
+        raise ValueError(f"gradient has {grad.numel()} elements, the array {array.numel()}")
+    _apply_dense(array, state, grad, kind, lr, eps, block_size)
+
+
+@apply_optimizer_dense.register_fake
+def _(array, state, grad, kind, lr, eps, block_size):  # type: ignore[no-untyped-def]
+    return None
+
+
 def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
     array, indices, offsets, hash_keys, mean, weights, batch_size, dim, block_size, num_elements, kernel = inputs
     ctx.save_for_backward(indices, offsets, hash_keys, mean, weights)
@@ -299,3 +331,61 @@ def fused_lookup(array: torch.Tensor, batch: LookupBatch, optimizer: OptimizerAr
     """
     hyper = optimizer.hyper() if torch.compiler.is_compiling() else None
     return _FusedLookup.apply(array, optimizer.state, batch, optimizer.kind.value, hyper, optimizer, kernel)
+
+
+class _FusedRunsLookup(torch.autograd.Function):
+    """Several dim runs of one array: a forward op per run; backward sums the runs' dense gradients
+    (one op each) and steps the optimizer once through ``robe::apply_optimizer_dense``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        array: torch.Tensor,
+        state: torch.Tensor,
+        runs: List[LookupBatch],
+        kind: str,
+        hyper: Optional[Tuple[float, float]],
+        optimizer: OptimizerArgs,
+        kernel: str,
+    ) -> torch.Tensor:
+        outs = [
+            torch.ops.robe.pooled_forward(
+                array, r.indices, r.offsets, r.hash_keys, r.mean, r.weights,
+                r.batch_size, r.dim, r.block_size, r.num_elements, kernel,
+            )
+            for r in runs
+        ]
+        ctx.save_for_backward(array, state)
+        ctx.runs, ctx.kind, ctx.hyper, ctx.optimizer, ctx.kernel = runs, kind, hyper, optimizer, kernel
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        array, state = ctx.saved_tensors
+        grad: Optional[torch.Tensor] = None
+        col = 0
+        for r in ctx.runs:
+            width = r.num_features * r.dim
+            g = torch.ops.robe.pooled_backward_dense(
+                grad_out[:, col : col + width].contiguous(), r.indices, r.offsets, r.hash_keys, r.mean, r.weights,
+                r.batch_size, r.dim, r.block_size, r.num_elements, ctx.kernel,
+            )
+            grad = g if grad is None else grad + g
+            col += width
+        lr, eps = ctx.hyper if ctx.hyper is not None else ctx.optimizer.hyper()
+        torch.ops.robe.apply_optimizer_dense(array, state, grad, ctx.kind, lr, eps, ctx.runs[0].block_size)
+        return (None,) * 7
+
+
+def fused_runs_lookup(
+    array: torch.Tensor, runs: List[LookupBatch], optimizer: OptimizerArgs, kernel: str
+) -> torch.Tensor:
+    """Pooled lookup of several dim runs of one array (columns run after run) whose backward steps
+    ``optimizer`` once on the summed gradient, in place (no gradient left).
+
+    That step rounds a bf16 / fp16 array to nearest (``NotImplementedError`` for stochastic
+    rounding, which only the single-dim fused kernels do). lr / eps as in :func:`fused_lookup`.
+    """
+    require_nearest_rounding(array, optimizer, "a multi-dim layout's fused step")
+    hyper = optimizer.hyper() if torch.compiler.is_compiling() else None
+    return _FusedRunsLookup.apply(array, optimizer.state, runs, optimizer.kind.value, hyper, optimizer, kernel)

@@ -7,7 +7,10 @@ falling back to the reference (with a warning) when the fast kernel cannot load.
 The fast kernels take one embedding dim per call (like one TBE per dim) through the kernel API
 of :mod:`robe_torchrec.ops.api` (a :class:`~robe_torchrec.ops.api.LookupBatch`, built once per
 call here, and, for a fused backward, an :class:`~robe_torchrec.ops.api.OptimizerArgs`); a layout
-with several dims is split into its per-dim feature runs, which the module keeps contiguous.
+with several dims is split into its per-dim feature runs, which the module keeps contiguous
+(with a fused optimizer, :func:`robe_torchrec.ops.library.fused_runs_lookup` steps once on the
+runs' summed gradient). Every fast path goes through the ``robe::`` custom ops, so
+``torch.compile(fullgraph=True)`` sees no kernel Python.
 Nothing here reads offsets on the host: one call never synchronises with the device (the fused
 Triton backward does once, for the number of touched chunks).
 """
@@ -18,18 +21,14 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Any, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs, check_array_dtype, mean_flags
 from robe_torchrec.ops.layout import FeatureLayout
-from robe_torchrec.ops.library import fused_lookup
-from robe_torchrec.ops.reference import (
-    apply_optimizer_dense,
-    require_nearest_rounding,
-    robe_pooled_lookup_reference,
-)
+from robe_torchrec.ops.library import fused_lookup, fused_runs_lookup
+from robe_torchrec.ops.reference import robe_pooled_lookup_reference
 
 KERNELS = ("auto", "reference", "cpu", "triton")
 _BACKEND_MODULES = {"cpu": "robe_torchrec.ops.cpu", "triton": "robe_torchrec.ops.triton"}
@@ -136,11 +135,7 @@ def robe_pooled_lookup(
     check_array_dtype(array, "robe_pooled_lookup")  # every kernel: float32, bfloat16 or float16
     name = resolve_kernel(kernel, array.device)
     optimizer = _optimizer_args(fused_optimizer, array)
-    if name == "reference" and (optimizer is None or len(set(layout.dims)) > 1):
-        if optimizer is not None:
-            return _ReferenceFused.apply(
-                array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights, optimizer
-            )
+    if name == "reference" and optimizer is None:
         return robe_pooled_lookup_reference(array, indices, offsets, layout, hash_keys, batch_size, per_sample_weights)
 
     dims = layout.dims
@@ -162,7 +157,8 @@ def robe_pooled_lookup(
     runs = [batch.features(f0, f1, dims[f0]) for f0, f1 in dim_runs(dims)]
     if optimizer is None:  # autograd sums the runs' dense gradients
         return torch.cat([_forward_op(array, run, name) for run in runs], dim=1)
-    return _RobeLookupRuns.apply(array, runs, name, optimizer)
+    # one optimizer step on the runs' summed gradient (Adagrad is not additive), all through robe:: ops
+    return fused_runs_lookup(array, runs, optimizer, name)
 
 
 def _forward_op(array: torch.Tensor, batch: LookupBatch, kernel: str) -> torch.Tensor:
@@ -184,31 +180,6 @@ def dim_runs(dims: Tuple[int, ...]) -> List[Tuple[int, int]]:
     return runs
 
 
-class _RobeLookupRuns(torch.autograd.Function):
-    """Several embedding dims on one array: one kernel call per dim run, ONE optimizer step.
-
-    The array's gradient is the sum over runs, so a fused step must see all of them at once
-    (Adagrad is not additive); this rare layout therefore sums the runs' dense gradients and
-    applies the fused update rule to that (DLRM-style models use one dim and never get here).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, array, runs: List[LookupBatch], kernel: str, optimizer: Optional[OptimizerArgs]):  # type: ignore[override]
-        ctx.meta = (array, runs, kernel, optimizer)
-        return runs_forward(_backend(kernel), array, runs)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        array, runs, kernel, optimizer = ctx.meta
-        grad = runs_dense_grad(_backend(kernel), grad_out, runs)
-        if optimizer is None:
-            return grad.to(array.dtype), None, None, None  # float32, rounded once for a bf16/fp16 array
-        require_nearest_rounding(array, optimizer, "a multi-dim layout's fused step")
-        lr, eps = optimizer.hyper()
-        apply_optimizer_dense(array.data, optimizer.state, grad, optimizer.kind, lr, eps, runs[0].block_size)
-        return None, None, None, None
-
-
 def runs_forward(backend: ModuleType, array: torch.Tensor, runs: List[LookupBatch]) -> torch.Tensor:
     """The kernel forward of each dim run of one array, concatenated along columns."""
     outs = [backend.pooled_forward(array.detach(), run) for run in runs]
@@ -227,27 +198,3 @@ def runs_dense_grad(backend: ModuleType, grad_out: torch.Tensor, runs: List[Look
         col += width
     assert grad is not None
     return grad
-
-
-class _ReferenceFused(torch.autograd.Function):
-    """Reference lookup whose backward applies the fused optimizer (for tests and any device)."""
-
-    @staticmethod
-    def forward(ctx: Any, array, indices, offsets, layout, hash_keys, batch_size, weights, optimizer):  # type: ignore[override]
-        ctx.args = (array, indices, offsets, layout, hash_keys, batch_size, weights, optimizer)
-        with torch.no_grad():
-            return robe_pooled_lookup_reference(array, indices, offsets, layout, hash_keys, batch_size, weights)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        array, indices, offsets, layout, hash_keys, batch_size, weights, optimizer = ctx.args
-        # float32 gradient for a bf16 / fp16 array too (the fused step's state and math are float32)
-        grad_dtype = torch.float32 if array.dtype in (torch.bfloat16, torch.float16) else array.dtype
-        leaf = torch.zeros(array.shape, dtype=grad_dtype, device=array.device, requires_grad=True)
-        with torch.enable_grad():
-            out = robe_pooled_lookup_reference(leaf, indices, offsets, layout, hash_keys, batch_size, weights)
-            (g,) = torch.autograd.grad(out, leaf, grad_out)
-        require_nearest_rounding(array, optimizer, "the reference kernel")
-        lr, eps = optimizer.hyper()
-        apply_optimizer_dense(array.data, optimizer.state, g, optimizer.kind, lr, eps, layout.block_size)
-        return (None,) * 8

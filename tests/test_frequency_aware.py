@@ -46,8 +46,11 @@ def _batch(rng: np.random.Generator, b: int = 64, s: float = 1.2, max_len: int =
 
 
 def _module(seed=0, fused=None, pooling=PoolingType.SUM, ratio=50, refresh=4, z=2, **cfg) -> FreqEBC:
+    """A module with hot rows to exercise. gate=False: at D = 8 a hot row's id map and sketch
+    entries cost more than its 4 D bytes, so the gate (tested on its own below) would plan none."""
     rng = np.random.default_rng(100)
     sample = [_batch(rng) for _ in range(8)]
+    cfg.setdefault("gate", False)
     config = FrequencyAwareConfig(refresh_every=refresh, **cfg)
     torch.manual_seed(seed)
     return FreqEBC.from_compression(_tables(pooling), ratio, sample, block_size=z, seed=seed, config=config,

@@ -102,7 +102,7 @@ def freq_dlrm(fused: Optional[str]) -> DLRM:
                                         lengths=torch.tensor(lengths, dtype=torch.int64)))
     torch.manual_seed(0)
     ebc = FreqEBC.from_compression(
-        tables(), 20, sample, block_size=2, seed=3, config=FrequencyAwareConfig(refresh_every=2), kernel="auto",
+        tables(), 20, sample, block_size=2, seed=3, config=FrequencyAwareConfig(refresh_every=2, gate=False), kernel="auto",
         fused_optimizer=RobeFusedOptimizerConfig(fused, lr=LR) if fused else None,
     )
     assert sum(ebc.hot_capacities().values()) > 0  # the test must exercise hot rows

@@ -127,6 +127,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="robe_freq: min traffic share per byte share of a hot row (FrequencyAwareConfig)")
     p.add_argument("--freq-max-hot", type=float, default=0.5, help="robe_freq: max share of bytes for hot rows")
     p.add_argument("--freq-refresh", type=int, default=32, help="robe_freq: steps between promotions")
+    p.add_argument("--freq-no-gate", action="store_true",
+                   help="robe_freq: plan every id passing --freq-alpha (FrequencyAwareConfig.gate=False, "
+                        "the planner before the gate)")
     p.add_argument("--curve-points", type=int, default=6, help="learning-curve evaluations per run")
     p.add_argument("--curve-eval-samples", type=int, default=32_768)
     p.add_argument("--threads", type=int, default=None,
@@ -331,7 +334,7 @@ def build_embeddings(spec: RunSpec, tables: List[EmbeddingBagConfig], args: argp
         return m, f"m={robe.num_elements:,}, Z={robe.block_size}, 2 reads", 4 * robe.num_elements
     if spec.method == "robe_freq":
         config = FrequencyAwareConfig(min_traffic_per_byte=args.freq_alpha, max_hot_fraction=args.freq_max_hot,
-                                      refresh_every=args.freq_refresh)
+                                      refresh_every=args.freq_refresh, gate=not args.freq_no_gate)
         fused = RobeFusedOptimizerConfig(args.robe_optimizer, lr=lr, eps=1e-8)
         m = FrequencyAwareRobeEmbeddingBagCollection.from_compression(
             tables, spec.ratio, calibration or [], block_size=spec.block_size, seed=spec.seed, config=config,

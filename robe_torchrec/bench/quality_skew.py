@@ -46,7 +46,7 @@ def plan_coverage(train: q.Split, tables: List, keys: List[str], ratio: float, a
     batches = min(args.freq_calib_batches, -(-len(train) // bs))  # as bench.quality's run_one
     calibration = [train.kjt(i * bs, (i + 1) * bs, keys, vocab=False) for i in range(batches)]
     config = FrequencyAwareConfig(min_traffic_per_byte=args.freq_alpha, max_hot_fraction=args.freq_max_hot,
-                                  refresh_every=args.freq_refresh)
+                                  refresh_every=args.freq_refresh, gate=not args.freq_no_gate)
     module = FrequencyAwareRobeEmbeddingBagCollection.from_compression(
         tables, ratio, calibration, block_size=1, seed=0, config=config)
     caps = module.hot_capacities()
@@ -67,8 +67,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--ratios", type=q._ints, default=[2, 10, 100])
+    p.add_argument("--no-gate", action="store_true", help="the plan without its gate (as before the gate)")
     ours = p.parse_args(argv)
-    args = q.parse_args(["--dataset", "movielens100k", "--dim", str(ours.dim), "--passes", "1", "--block-sizes", "1"])
+    args = q.parse_args(["--dataset", "movielens100k", "--dim", str(ours.dim), "--passes", "1", "--block-sizes", "1"]
+                        + (["--freq-no-gate"] if ours.no_gate else []))
     train, _, tables, keys, _ = q.movielens_splits(args)
     out: Dict = {"skew": {}, "plans": {}}
     for f, key in enumerate(keys[:2]):

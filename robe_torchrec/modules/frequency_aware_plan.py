@@ -1,14 +1,30 @@
 """How much of a ROBE byte budget goes to exact rows for hot ids, per table, decided from the id stream.
 
-Why a threshold on traffic per byte: in a ROBE array of m floats every element receives on average
-1/m of all element reads; an id carrying a share p of all lookups reads D elements with p/D each,
-so it *dominates* its elements once p >= D/m, i.e. once its traffic share is at least its share of
-the bytes (4D of 4m). Such an id is represented by ROBE about as well as by its own row, but it
-drowns the cold ids sharing its elements; moving it to an exact row costs about the bytes it
-already occupies. Below that level an exact row takes more than the id's fair share of the budget
-from the cold ids. So an id may get a row only if (its guaranteed count from the sketch) / (all
-lookups) >= ``min_traffic_per_byte`` * (bytes of a hot row incl. id map and sketch) / budget. With
-flat frequencies no id passes and the collection is plain ROBE with the whole budget.
+Noise model. In a ROBE array of m floats an average element receives lambda = D/m of all element
+reads (each lookup reads D elements); an id carrying a share p of all lookups reads each of its D
+elements p, so it holds a share s = p / (p + lambda) of its elements' reads, and it *dominates* them
+once p >= lambda, i.e. once its traffic share is at least its share of the bytes (4D of 4m). Write
+r = p / lambda (its traffic per byte relative to the array's average).
+
+Lower threshold (per id). An id may get a row only if (its guaranteed count from the sketch) /
+(all lookups) >= ``min_traffic_per_byte`` * (bytes of a hot row incl. id map and sketch) / budget:
+below that, an exact row takes more than the id's fair share of the budget from the cold ids.
+
+Gate (whole plan, ``FrequencyAwareConfig.gate``). A promotion creates no capacity, it moves it:
+plain ROBE already gives the id D s floats of its own (its share of its elements), the row gives it
+D; the cold ids get the id's D elements back but lose the row's D floats and its overhead (id-map
+and sketch entries, the table's and the module's scalars). Valuing each float by the traffic that
+reads it (p for the id's own floats, lambda for an average array float), the row is worth
+
+    gain(r) = 4 D (1 - s) (r - 1) = 4 D (r - 1) / (r + 1)     bytes of plain ROBE array,
+
+and the plan is kept only where it pays: an id needs gain(r) > its row's overhead bytes (id map and
+sketch entries), a table needs the sum over its hot ids to exceed its fixed bytes, and the whole
+plan needs the sum over tables to exceed the module's. gain(r) < 4 D for every r: a very dominant id
+(ROBE already serves it: s close to 1) is worth at most the row it takes, so dominance alone never
+pays for the id map and sketch, and at D * 4 <= the per-row overhead (D <= 11 with sketch_factor 2)
+no plan can pay. When the gate says no, every table gets zero rows and the module is exactly plain
+ROBE over the whole budget (no id map, no sketch). With flat frequencies no id passes either test.
 """
 
 from __future__ import annotations
@@ -48,6 +64,10 @@ class FrequencyAwareConfig:
             between ids of nearly equal counts).
         decay: sketch counts are multiplied by this after each refresh (1: no decay).
         calibration_capacity: sketch capacity per table while planning (transient, not stored).
+        gate: keep the plan only where its modelled gain exceeds its overhead (module docstring);
+            False: every id passing ``min_traffic_per_byte`` is planned (the behaviour before the
+            gate). Planning only: the plan's result (``hot_capacity``) is what a checkpoint's
+            layout records, so this flag is not part of it.
     """
 
     max_hot_fraction: float = 0.5
@@ -59,6 +79,7 @@ class FrequencyAwareConfig:
     hysteresis: float = 1.2
     decay: float = 1.0
     calibration_capacity: int = 4096
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_hot_fraction < 1.0:
@@ -74,14 +95,35 @@ class FrequencyAwareConfig:
             raise ValueError(f"hysteresis must be >= 1, got {self.hysteresis}")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"gate must be a bool, got {self.gate!r}")
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def layout_dict(self) -> Dict[str, Any]:
+        """The fields a checkpoint's layout records: all but the planning-only ``gate`` (its
+        decision is recorded as ``hot_capacity``; checkpoints saved before the gate existed load)."""
+        out = asdict(self)
+        out.pop("gate")
+        return out
 
 
 def hot_row_bytes(dim: int, config: FrequencyAwareConfig) -> int:
     """Bytes one hot row costs: the row, its id-map entry and its sketch entries."""
     return 4 * dim + ID_MAP_BYTES_PER_ROW + SKETCH_BYTES_PER_ENTRY * config.sketch_factor
+
+
+def row_overhead_bytes(config: FrequencyAwareConfig) -> int:
+    """Bytes a hot row costs beyond its own 4 D: its id-map entry and its sketch entries."""
+    return ID_MAP_BYTES_PER_ROW + SKETCH_BYTES_PER_ENTRY * config.sketch_factor
+
+
+def row_gain_bytes(share: torch.Tensor, dim: int, budget_bytes: int) -> torch.Tensor:
+    """What an exact row is worth, in bytes of plain ROBE array, to an id with traffic ``share``:
+    ``4 D (r - 1) / (r + 1)`` with ``r = share / (4 D / budget)`` (the module docstring's gate)."""
+    r = share.double() * budget_bytes / (4 * dim)
+    return 4 * dim * (r - 1) / (r + 1)
 
 
 def overhead_bytes(capacities: Mapping[str, int], dim: int, config: FrequencyAwareConfig) -> int:
@@ -112,7 +154,9 @@ def plan_capacities(
 ) -> Dict[str, int]:
     """Hot rows per table for ``budget_bytes``, from a sample of the id stream (e.g. the first
     training batches): ids passing the traffic-per-byte threshold, the best traffic per byte
-    first, until ``max_hot_fraction`` of the budget is spent. All zeros on a flat stream."""
+    first, until ``max_hot_fraction`` of the budget is spent; then, with ``config.gate``, only the
+    ids, tables and plan that pay for their overhead (module docstring). All zeros on a flat
+    stream, and wherever the gate says no."""
     dims = {t.embedding_dim for t in tables}
     if len(dims) != 1:
         raise ValueError(f"frequency-aware ROBE needs one embedding_dim for all tables, got {sorted(dims)}")
@@ -148,7 +192,29 @@ def plan_capacities(
         if overhead_bytes(trial, dim, config) > limit:
             break
         chosen = trial
+    if config.gate:
+        chosen = _gate(chosen, shares, names, dim, budget_bytes, config)
     return chosen
+
+
+def _gate(chosen: Dict[str, int], shares: List[torch.Tensor], names: List[str], dim: int, budget_bytes: int,
+          config: FrequencyAwareConfig) -> Dict[str, int]:
+    """``chosen`` cut to the ids, tables and plan whose modelled gain exceeds their overhead (module
+    docstring), all zeros if the plan does not pay. ``shares[i]``: table i's candidate shares."""
+    row_cost = row_overhead_bytes(config)
+    table_cost = TABLE_FIXED_BYTES + SKETCH_FIXED_BYTES
+    out = {n: 0 for n in names}
+    total = 0.0
+    for i, name in enumerate(names):
+        top = torch.sort(shares[i], descending=True).values[: chosen[name]]
+        net = row_gain_bytes(top, dim, budget_bytes) - row_cost
+        net = net[net > 0]  # decreasing in the share: a prefix of the table's hottest ids
+        if float(net.sum()) > table_cost:
+            out[name] = int(net.numel())
+            total += float(net.sum()) - table_cost
+    if total <= STEP_BYTES:
+        return {n: 0 for n in names}
+    return out
 
 
 def plan_summary(capacities: Mapping[str, int]) -> str:

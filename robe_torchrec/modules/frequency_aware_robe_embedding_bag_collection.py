@@ -13,9 +13,12 @@ exact Adagrad it is one float per array element and per hot-row element.
 
 **Adaptivity**: how many slots each table gets is planned once from a sample of the id stream
 (``from_compression(..., sample=first batches)``, see ``frequency_aware_plan``): only ids whose
-guaranteed traffic share reaches ``min_traffic_per_byte`` x their share of the bytes qualify. On a
-flat stream no table gets a slot and the module is exactly a plain RobeEmbeddingBagCollection over
-the whole budget (same array size, seed, init and kernels). Which ids hold the slots is found
+guaranteed traffic share reaches ``min_traffic_per_byte`` x their share of the bytes qualify, and
+(``FrequencyAwareConfig.gate``, default on) only where the modelled gain of the rows exceeds what
+their id map, sketches and scalars take from the array. On a flat stream, or where the gate says
+no (e.g. only a few very dominant ids, which ROBE already serves), no table gets a slot and the
+module is exactly a plain RobeEmbeddingBagCollection over the whole budget (same array size,
+seed, init and kernels). Which ids hold the slots is found
 online: in training mode every forward feeds the sketches, and every ``refresh_every`` forwards
 each table's hot set becomes its sketch's top ids that pass the same threshold (incumbents favoured
 by ``hysteresis``, at most ``max_swaps`` promotions per table, cost O(sketch log sketch + swaps D)).
@@ -486,7 +489,7 @@ class FrequencyAwareRobeEmbeddingBagCollection(EmbeddingBagCollectionInterface, 
             "budget_bytes": self._budget,
             "dim": self._dim,
             "hot_capacity": dict(self._capacities),
-            "config": self._config.as_dict(),
+            "config": self._config.layout_dict(),
         }
 
     def get_extra_state(self) -> Dict[str, Any]:

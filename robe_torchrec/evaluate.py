@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
 
 def _load_errors() -> tuple:
     """Error types of the loaders that ran (checkpoint and/or artifact): only loaded modules count."""
-    names = (("robe_torchrec.app.checkpoint", "CheckpointError"), ("robe_torchrec.export", "ArtifactError"))
+    names = (("robe_torchrec.app.checkpoint", "CheckpointError"), ("robe_torchrec.artifact", "ArtifactError"))
     return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 

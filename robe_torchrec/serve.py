@@ -2,8 +2,8 @@
 
 An artifact comes from ``python -m robe_torchrec.export_checkpoint`` (a training checkpoint,
 quantized and exported) or from :func:`robe_torchrec.export.save_exported`. This module imports
-only the export loader, the data readers and metrics: no model building, no checkpoint or
-distributed code. ``python -m robe_torchrec.evaluate --exported model.pt2`` and its ``predict`` mode
+only the artifact loader (:mod:`robe_torchrec.artifact`: the ``robe::`` ops, no module classes or
+optimizers), the data readers and metrics: no model building, no checkpoint or distributed code. ``python -m robe_torchrec.evaluate --exported model.pt2`` and its ``predict`` mode
 call these functions.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Sequence
 
 import torch
 
-from robe_torchrec.export import load_exported
+from robe_torchrec.artifact import load_exported
 
 
 @torch.no_grad()

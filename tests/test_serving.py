@@ -330,7 +330,9 @@ def test_checkpoint_to_artifact_then_evaluate_and_predict_without_training_code(
         predict_exported({artifact!r}, [{str(tsv)!r}], {str(tmp_path / 'art_preds.txt')!r}, batch_size=16)
         loaded = [m for m in sys.modules if m.startswith("robe_torchrec.")]
         for training in ("robe_torchrec.train", "robe_torchrec.app.model", "robe_torchrec.app.checkpoint",
-                         "robe_torchrec.sharding", "robe_torchrec.evaluate"):
+                         "robe_torchrec.sharding", "robe_torchrec.evaluate", "robe_torchrec.optim",
+                         "robe_torchrec.optim_in_backward", "robe_torchrec.modules", "robe_torchrec.export",
+                         "robe_torchrec.ops.lookup", "robe_torchrec.conversion"):
             assert training not in loaded, (training, loaded)
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)

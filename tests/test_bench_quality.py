@@ -94,3 +94,27 @@ def test_plots_are_written(tmp_path):
     quality.main(["--quick", "--out", str(tmp_path), "--methods", "full,robe", "--block-sizes", "8"])
     assert (tmp_path / "quality_auc_vs_memory.png").stat().st_size > 1000
     assert (tmp_path / "quality_auc_vs_samples.png").stat().st_size > 1000
+
+
+def test_levers_plot_pairs_each_series_with_the_baseline_by_seed(tmp_path):
+    """quality_plots --levers reads main-sweep runs and quality_levers runs by variant."""
+    import json
+
+    from robe_torchrec.bench import quality_plots
+
+    def run(method, ratio, seed, auc, variant=None):
+        r = {"method": method, "ratio": ratio, "seed": seed, "auc": auc, "memory_bytes": int(1e6 / ratio)}
+        return r if variant is None else dict(r, variant=variant)
+
+    main = {"meta": {}, "summary": [{"family": "full", "auc_mean": 0.9}],
+            "runs": [run("robe-Z1", 10.0, 0, 0.80), run("robe-Z1", 10.0, 1, 0.82), run("robe-Z1", 100.0, 0, 0.70)]}
+    levers = [run("x", 10.0, 0, 0.81, "v"), run("x", 10.0, 1, 0.80, "v"), run("x", 100.0, 0, 0.75, "w")]
+    (tmp_path / "main_results.json").write_text(json.dumps(main))
+    (tmp_path / "levers.json").write_text(json.dumps(levers))
+    pts = quality_plots.lever_points(str(tmp_path / "main_results.json"), "", f"{tmp_path / 'levers.json'}:v")
+    assert pts == {10.0: {0: (100000, 0.81), 1: (100000, 0.80)}}
+    base = quality_plots.lever_points(str(tmp_path / "main_results.json"), "robe-Z1", "main")
+    assert base[100.0] == {0: (10000, 0.70)}
+    out = quality_plots.plot_levers(str(tmp_path / "main_results.json"), "robe-Z1",
+                                    [("x", f"{tmp_path / 'levers.json'}:v,w")], str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0 and out.endswith("plot.png")

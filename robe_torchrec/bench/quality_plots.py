@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import matplotlib
 
@@ -98,13 +98,83 @@ def plot_all(results_json: str, prefix: str) -> List[str]:
     return paths
 
 
+def lever_points(main_json: str, method: str, spec: str) -> Dict[float, Dict[int, Tuple[int, float]]]:
+    """``{ratio: {seed: (memory bytes, AUC)}}`` of one plotted series. ``spec``: ``main`` (the runs of
+    ``method`` in the main sweep) or ``FILE:VARIANT[,VARIANT...]`` (a quality_levers results file)."""
+    if spec == "main":
+        with open(main_json) as f:
+            runs = [r for r in json.load(f)["runs"] if r["method"] == method]
+    else:
+        path, _, variants = spec.partition(":")
+        with open(path) as f:
+            runs = [r for r in json.load(f) if r["variant"] in variants.split(",")]
+    out: Dict[float, Dict[int, Tuple[int, float]]] = {}
+    for r in runs:
+        out.setdefault(float(r["ratio"]), {})[int(r["seed"])] = (int(r["memory_bytes"]), float(r["auc"]))
+    return out
+
+
+def plot_levers(main_json: str, baseline: str, series: List[Tuple[str, str]], path: str) -> str:
+    """Two panels over compression ratio: AUC of each series, and its AUC minus ``baseline``'s
+    (the main sweep's method, paired by seed where both ran; a point per ratio)."""
+    with open(main_json) as f:
+        data = json.load(f)
+    full = [s for s in data["summary"] if s["family"] == "full"]
+    base = lever_points(main_json, baseline, "main")
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (label, spec) in enumerate([(baseline, "main"), *series]):
+        pts = lever_points(main_json, baseline, "main") if spec == "main" else lever_points(main_json, "", spec)
+        ratios = sorted(pts)
+        color = "black" if i == 0 else _ROBE_COLORS[(i - 1) % len(_ROBE_COLORS)]
+        ys = [statistics.fmean(a for _, a in pts[r].values()) for r in ratios]
+        ax.plot(ratios, ys, color=color, marker="o", label=label)
+        if i == 0:
+            continue
+        paired = [(r, [pts[r][s][1] - base[r][s][1] for s in pts[r] if s in base.get(r, {})]) for r in ratios]
+        paired = [(r, d) for r, d in paired if d]
+        dx.plot([r for r, _ in paired], [statistics.fmean(d) for _, d in paired], color=color, marker="o", label=label)
+        for r, d in paired:
+            dx.scatter([r] * len(d), d, color=color, s=10, alpha=0.5)
+    if full:
+        ax.axhline(full[0]["auc_mean"], color="black", lw=0.8, ls=":", label="full tables")
+    dx.axhline(0.0, color="black", lw=0.8)
+    for a in (ax, dx):
+        a.set_xscale("log")
+        a.set_xlabel("compression ratio (log scale; equal bytes across series)")
+        a.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("test AUC (mean over seeds)")
+    dx.set_ylabel(f"AUC minus {baseline}, same seed (dots: seeds)")
+    ax.legend(fontsize=8, loc="lower left")
+    dx.legend(fontsize=8, loc="lower left")
+    fig.suptitle("Planted benchmark: levers against plain ROBE at equal bytes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 
-    cli = argparse.ArgumentParser(description="Redraw the quality plots from a <prefix>_results.json file.")
+    cli = argparse.ArgumentParser(
+        description="Redraw the quality plots from a <prefix>_results.json file; or, with --levers OUT.png, "
+        "plot LABEL=FILE:VARIANTS series of quality_levers results against --baseline of the main results.")
     cli.add_argument("results", nargs="?", default="docs/img/quality_results.json")
-    src = cli.parse_args().results
+    cli.add_argument("--levers", metavar="OUT.png", help="draw the levers plot to this file")
+    cli.add_argument("--baseline", default="robe-Z1", help="the main sweep's method the levers are paired with")
+    cli.add_argument("--series", nargs="*", default=[], metavar="LABEL=FILE:VARIANTS")
+    args = cli.parse_args()
+    src = args.results
     if not src.endswith("_results.json"):
         cli.error(f"expected a <prefix>_results.json file, got {src!r}")
-    for p in plot_all(src, src[: -len("_results.json")]):
-        print(p)
+    if args.levers:
+        series = []
+        for item in args.series:
+            label, sep, spec = item.partition("=")
+            if not sep or ":" not in spec:
+                cli.error(f"--series takes LABEL=FILE:VARIANT[,VARIANT...], got {item!r}")
+            series.append((label, spec))
+        print(plot_levers(src, args.baseline, series, args.levers))
+    else:
+        for p in plot_all(src, src[: -len("_results.json")]):
+            print(p)

@@ -9,28 +9,14 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.fx import symbolic_trace
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import PoolingType
 
 from robe_torchrec import RobeConfig, RobeEmbeddingBagCollection
 from robe_torchrec.ops.cpu import is_available as cpu_kernel_available
 from robe_torchrec.optim import RobeFusedOptimizerConfig
+from tests.test_serving import mixed_dim_ebc
 
 KERNELS = ["reference"] + (["cpu"] if cpu_kernel_available() else [])
 FEATURES = ["f0", "f1", "f2", "f3"]
-
-
-def _mixed_ebc(kernel: str, weighted: bool = False, **kwargs) -> RobeEmbeddingBagCollection:
-    """Two arrays; group "a" holds dims 8 and 4 (two runs), so canonical order != torchrec's order."""
-    tables = [
-        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"]),
-        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=100, feature_names=["f1", "f2"],
-                           pooling=PoolingType.MEAN),
-        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=100, feature_names=["f3"]),
-    ]
-    robe = {"a": RobeConfig(num_elements=101, block_size=4, seed=3), "b": RobeConfig(num_elements=77, block_size=8, seed=1)}
-    torch.manual_seed(0)
-    return RobeEmbeddingBagCollection(tables, robe, table_to_group={"t0": "a", "t1": "b", "t2": "a"},
-                                      is_weighted=weighted, kernel=kernel, **kwargs)
 
 
 def _kjt(batch: int, seed: int, weighted: bool, keys=FEATURES) -> KeyedJaggedTensor:
@@ -44,7 +30,7 @@ def _kjt(batch: int, seed: int, weighted: bool, keys=FEATURES) -> KeyedJaggedTen
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_traced_and_scripted_module_equal_eager(kernel: str, weighted: bool) -> None:
-    ebc = _mixed_ebc(kernel, weighted)
+    ebc = mixed_dim_ebc(kernel, weighted)
     traced = symbolic_trace(ebc)
     targets = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function" and callable(n.target)]
     assert "robe_traced_lookup" in targets  # one opaque lookup node, not a leaf module
@@ -60,7 +46,7 @@ def test_traced_and_scripted_module_equal_eager(kernel: str, weighted: bool) -> 
 
 
 def test_scripted_graph_names_a_missing_feature() -> None:
-    scripted = torch.jit.script(symbolic_trace(_mixed_ebc("reference")))
+    scripted = torch.jit.script(symbolic_trace(mixed_dim_ebc("reference")))
     with pytest.raises(Exception, match="missing configured feature f2"):
         scripted(_kjt(2, 0, False, ["f0", "f1", "f3"]))
 
@@ -89,7 +75,7 @@ def test_traced_dlrm_scripts_and_its_gradients_equal_eager(kernel: str) -> None:
 
 
 def test_bf16_array_traces_with_eager_output_dtype() -> None:
-    ebc = _mixed_ebc("reference").to(torch.bfloat16)
+    ebc = mixed_dim_ebc("reference").to(torch.bfloat16)
     kjt = _kjt(3, 0, False)
     got, want = torch.jit.script(symbolic_trace(ebc))(kjt).values(), ebc(kjt).values()
     assert got.dtype == want.dtype == torch.bfloat16
@@ -97,7 +83,7 @@ def test_bf16_array_traces_with_eager_output_dtype() -> None:
 
 
 def test_tracing_a_fused_optimizer_in_training_mode_is_refused() -> None:
-    ebc = _mixed_ebc("reference", fused_optimizer=RobeFusedOptimizerConfig(optimizer="sgd", lr=0.1))
+    ebc = mixed_dim_ebc("reference", fused_optimizer=RobeFusedOptimizerConfig(optimizer="sgd", lr=0.1))
     with pytest.raises(NotImplementedError, match="fused optimizer in training mode"):
         symbolic_trace(ebc)
     kjt = _kjt(2, 0, False)

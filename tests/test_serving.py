@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORAGES = ["float32", "bfloat16", "float16", "int8"]
 
 
-def _two_group_ebc(weighted: bool = False) -> RobeEmbeddingBagCollection:
+def mixed_dim_ebc(kernel: str, weighted: bool = False, **kwargs) -> RobeEmbeddingBagCollection:
+    """Two arrays; group "a" holds dims 8 and 4 (two runs), so canonical order != torchrec's order."""
     tables = [
         EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"]),
         EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=100, feature_names=["f1", "f2"],
@@ -36,8 +37,13 @@ def _two_group_ebc(weighted: bool = False) -> RobeEmbeddingBagCollection:
         EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=100, feature_names=["f3"]),
     ]
     robe = {"a": RobeConfig(num_elements=101, block_size=4, seed=3), "b": RobeConfig(num_elements=77, block_size=8, seed=1)}
-    ebc = RobeEmbeddingBagCollection(tables, robe, table_to_group={"t0": "a", "t1": "b", "t2": "a"},
-                                     is_weighted=weighted, kernel="reference")
+    torch.manual_seed(0)
+    return RobeEmbeddingBagCollection(tables, robe, table_to_group={"t0": "a", "t1": "b", "t2": "a"},
+                                      is_weighted=weighted, kernel=kernel, **kwargs)
+
+
+def _two_group_ebc(weighted: bool = False) -> RobeEmbeddingBagCollection:
+    ebc = mixed_dim_ebc("reference", weighted)
     with torch.no_grad():  # values of several magnitudes, so int8 rows have different scales
         for p in ebc.arrays.values():
             p.copy_(torch.randn(p.numel(), generator=torch.Generator().manual_seed(p.numel())) * 0.1)

@@ -186,3 +186,22 @@ def test_optimizer_in_backward_wins_over_sharder_fused_params():
     got = get_pool(2).run(_sharded_in_backward, {"g_a": "row_wise", "g_b": "row_wise"}, torch.optim.Adagrad,
                           {"lr": LR}, "adagrad", {"optimizer": "sgd", "lr": 0.5})
     assert got == [f"adagrad lr=0.1 eps={RobeFusedOptimizerConfig().eps}"] * 2
+
+
+def _tag_on_data_parallel(rank: int, world_size: int) -> list:
+    import warnings
+
+    torch.manual_seed(0)
+    model = robe_dlrm(None, "reference")
+    robe_apply_optimizer_in_backward(torch.optim.Adagrad, model.sparse_arch.parameters(), {"lr": LR})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_and_shard(model, {"g_a": "data_parallel", "g_b": "row_wise"}, world_size)
+    return [str(w.message) for w in caught if "data_parallel" in str(w.message)]
+
+
+def test_a_tag_on_a_data_parallel_group_is_reported():
+    """data_parallel arrays go to DDP + the dense optimizer (torchrec's rule): the tag's fused
+    optimizer cannot reach them, and the sharder says so, naming the group."""
+    for messages in get_pool(2).run(_tag_on_data_parallel):
+        assert len(messages) == 1 and "['g_a']" in messages[0] and "adagrad" in messages[0], messages

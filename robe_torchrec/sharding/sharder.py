@@ -37,6 +37,7 @@ Sharding types (CPU and CUDA): ``data_parallel`` (kernel label ``dense``), ``tab
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type
 
 import torch
@@ -179,6 +180,7 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
                 f"sharding bf16 / fp16 ROBE arrays is not supported yet (groups {reduced}); shard the "
                 "float32 module (the plain module trains bf16 / fp16 arrays)"
             )
+        _warn_if_tag_meets_data_parallel(module, params, module_fqn)
         return ShardedRobeEmbeddingBagCollection(
             module,
             params,
@@ -186,4 +188,23 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
             device=device,
             fused_config=self.fused_config_for(module),
             module_fqn=module_fqn,
+        )
+
+
+def _warn_if_tag_meets_data_parallel(
+    module: RobeEmbeddingBagCollection, params: EmbeddingModuleShardingPlan, module_fqn: Optional[str]
+) -> None:
+    """An optimizer-in-backward tag does not reach data_parallel groups: their arrays are
+    all-reduced by DDP and stepped by the dense optimizer (as torchrec's data-parallel tables).
+    Say so once per module instead of silently training them with another optimizer."""
+    tagged = arrays_config(dict(module.arrays.items()))
+    dp = sorted(g for g, p in params.items() if p.sharding_type == ShardingType.DATA_PARALLEL.value)
+    if tagged is not None and dp:
+        warnings.warn(
+            f"{module_fqn or 'RobeEmbeddingBagCollection'}: ROBE group(s) {dp} are data_parallel, so the optimizer "
+            f"in backward ({tagged.optimizer}) does not apply to them: DDP all-reduces their gradient and your "
+            "dense optimizer steps them, as for torchrec's data-parallel tables (plan them table_wise / row_wise "
+            "to keep the fused optimizer)",
+            UserWarning,
+            stacklevel=3,
         )

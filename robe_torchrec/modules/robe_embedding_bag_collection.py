@@ -7,7 +7,8 @@ than a vocabulary. It subclasses ``EmbeddingBagCollectionInterface``, not
 ``EmbeddingBagCollection``: DistributedModelParallel and the planner match the exact type.
 """
 
-
+# No `from __future__ import annotations` here: torch.jit.script of a traced collection reads
+# this module's annotations (modules/traced_lookup.py).
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 

@@ -369,3 +369,87 @@ def test_unknown_backward_mode_is_refused(ext, monkeypatch):
     c = make_case(2, 4, 8, 4, 40, seed=62)
     with pytest.raises(RuntimeError, match="ROBE_CPU_BACKWARD"):
         cpu.pooled_backward_dense(c.grad_out(1), c.batch())
+
+
+# ---------------------------------------------------- instruction sets: generic build vs AVX2
+
+
+def _has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+ISAS = ["base", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "m", [1, 2, 7, 32, 37, 2**20, 1_000_003, 2**31 + 11, 2**32 + 1, 2**36 - 1, 2**36, 2**36 + 1, 2**48]
+)
+def test_cpp_hash_each_isa_matches_torch(ext, monkeypatch, isa, m):
+    """ROBE_CPU_ISA=avx2 hashes eight ids at a time with an exact float64 reduction (m <= 2**36);
+    both paths, on both sides of that bound, give the spec's bits (the torch hash). 3001 ids: the
+    AVX2 loop's scalar tail is hashed too."""
+    monkeypatch.setenv("ROBE_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(m % 7919)
+    ids = torch.cat(
+        [torch.tensor(EXTREME_IDS, dtype=torch.int64), torch.randint(-(2**63), 2**63 - 1, (2992,), generator=g)]
+    )
+    k0, k1 = table_key(5, "isa_check")
+    expected = block_offsets(ids, torch.tensor([k0]), torch.tensor([k1]), 3, m)
+    assert torch.equal(ext.block_offsets(ids, k0, k1, 3, m), expected)
+
+
+@pytest.mark.parametrize("name", ["basic", "wrap_m37", "d16_z4_m97", "weighted_mean", "extreme_ids", "larger"])
+def test_isas_give_the_same_bits(ext, monkeypatch, name):
+    """The generic build and the AVX2 path: forward, dense backward and a fused row-wise Adagrad
+    step bit for bit (the hash is exact on both; the sums keep their order)."""
+    if not _has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    F, B, D, Z, m, opts = CASES[name]
+    c = make_case(F, B, D, Z, m, seed=sum(map(ord, name)) + 9, **opts)
+    go = c.grad_out(21)
+    results = {}
+    for isa in ("base", "avx2"):
+        monkeypatch.setenv("ROBE_CPU_ISA", isa)
+        a, s = c.array.clone(), _state(c, "rowwise_adagrad")
+        cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.05, 1e-8))
+        results[isa] = (cpu.pooled_forward(c.array, c.batch()), cpu.pooled_backward_dense(go, c.batch()), a, s)
+    for x, y in zip(results["base"], results["avx2"]):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(results["avx2"][0], ref.pooled_forward(c.array, c.batch()), **TOL)
+
+
+def test_unknown_isa_is_refused(ext, monkeypatch):
+    monkeypatch.setenv("ROBE_CPU_ISA", "sse9")
+    c = make_case(2, 4, 8, 4, 40, seed=63)
+    with pytest.raises(RuntimeError, match="ROBE_CPU_ISA"):
+        cpu.pooled_forward(c.array, c.batch())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_many_sample_tiles_match_reference(ext, monkeypatch, isa):
+    """The kernels hash a tile of samples (about 2048 block starts) before using its starts: a batch
+    of many tiles, on 1 and 3 threads, against the reference. Id 7 recurs in 30% of the lookups,
+    so its elements sum hundreds of contributions: the fused step is compared at float32
+    summation-order tolerance, and across thread counts bit for bit."""
+    monkeypatch.setenv("ROBE_CPU_ISA", isa)
+    c = make_case(3, 300, 16, 4, 4099, max_len=6, weighted=True, seed=71)
+    go = c.grad_out(13)
+    a_ref, s_ref = c.array.clone(), _state(c, "adagrad")
+    ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs("adagrad", s_ref, 0.05, 1e-8))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            a, s = c.array.clone(), _state(c, "adagrad")
+            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("adagrad", s, 0.05, 1e-8))
+            results.append((cpu.pooled_forward(c.array, c.batch()), a, s))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(results[0], results[1]):
+        assert torch.equal(x, y)
+    out, a, s = results[0]
+    torch.testing.assert_close(out, ref.pooled_forward(c.array, c.batch()), **TOL)
+    torch.testing.assert_close(a, a_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s, s_ref, rtol=2e-5, atol=2e-5)

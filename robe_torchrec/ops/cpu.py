@@ -25,7 +25,7 @@ import torch
 
 from robe_torchrec.ops.api import LookupBatch, OptimizerArgs
 
-EXTENSION_NAME = "robe_torchrec_cpu_v4"  # v2: element_range (row-wise shards); v3: bf16 / fp16 training arrays; v4: touched-chunk-map backward, write-once forward
+EXTENSION_NAME = "robe_torchrec_cpu_v5"  # v2: element_range (row-wise shards); v3: bf16 / fp16 training arrays; v4: touched-chunk-map backward, write-once forward; v5: tiled AVX2 hash
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "robe_cpu.cpp")
 # No -march=native: the cached build may be reused on another machine of the same cluster, and
 # the hot loops are short gathers the baseline SSE2 build already vectorises. -ffp-contract=off

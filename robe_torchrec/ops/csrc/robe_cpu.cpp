@@ -409,11 +409,13 @@ int64_t tile_samples(const Problem& p) {
 struct FloatReader {
   const float* M;
   float operator()(int64_t e) const { return M[e]; }
+  void prefetch(int64_t e) const { __builtin_prefetch(M + e); }
 };
 template <typename T>
 struct HalfReader {  // at::BFloat16 or at::Half, upcast to float
   const T* M;
   float operator()(int64_t e) const { return static_cast<float>(M[e]); }
+  void prefetch(int64_t e) const { __builtin_prefetch(M + e); }
 };
 struct Int8RowwiseReader {
   const uint8_t* Q;
@@ -423,6 +425,7 @@ struct Int8RowwiseReader {
     const int64_t r = e / Z;
     return static_cast<float>(Q[e]) * SB[2 * r] + SB[2 * r + 1];
   }
+  void prefetch(int64_t e) const { __builtin_prefetch(Q + e); }
 };
 
 // A row-wise shard (LookupBatch.element_range): the array passed holds only the global elements
@@ -451,6 +454,7 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
   const BlockHasher hasher(static_cast<uint64_t>(p.m), use_avx2());
   const int64_t F = p.F, B = p.B, D = p.D, Z = p.Z, nb = p.num_blocks, m = p.m;
   const int64_t T = tile_samples(p), tiles = (B + T - 1) / T;
+  constexpr int64_t kPrefetchBags = 2;
 
   // Tiles of samples in the output's memory order (each thread writes contiguous stretches of the
   // output); a tile's block starts are hashed first (StartTile), then its bags are summed. Bags
@@ -470,6 +474,19 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
       for (int64_t b = b0; b < b1; ++b) {
       for (int64_t f = 0; f < F; ++f) {
         const int64_t bag = f * B + b;
+        if (!Ranged && f + kPrefetchBags < F) {  // (a row-wise shard reads local positions)
+          // The array is cache-resident but not L1: ask for the blocks of the bag kPrefetchBags
+          // on (its first and last element), whose starts the tile already holds.
+          const int64_t g = f + kPrefetchBags, ahead = g * B + b;
+          const int64_t* st = tile.row(g) - tile.first(g);
+          for (int64_t i = p.off[ahead]; i < p.off[ahead + 1]; ++i) {
+            for (int64_t c = 0; c < nb; ++c) {
+              const int64_t e = st[c * tile.stride(g) + i];
+              read.prefetch(e);
+              read.prefetch(std::min(e + Z - 1, m - 1));
+            }
+          }
+        }
         std::fill(acc, acc + D, 0.0f);
         const int64_t* starts = tile.row(f) - tile.first(f);
         const int64_t stride = tile.stride(f);

@@ -401,8 +401,9 @@ def test_cpp_hash_each_isa_matches_torch(ext, monkeypatch, isa, m):
 
 @pytest.mark.parametrize("name", ["basic", "wrap_m37", "d16_z4_m97", "weighted_mean", "extreme_ids", "larger"])
 def test_isas_give_the_same_bits(ext, monkeypatch, name):
-    """The generic build and the AVX2 path: forward, dense backward and a fused row-wise Adagrad
-    step bit for bit (the hash is exact on both; the sums keep their order)."""
+    """The generic build and the AVX2 path: forward (float32 and bfloat16 arrays), dense backward
+    and a fused row-wise Adagrad step bit for bit (the hash is exact on both; the sums keep their
+    order, eight floats per instruction or four)."""
     if not _has_avx2():
         pytest.skip("this CPU has no AVX2")
     F, B, D, Z, m, opts = CASES[name]
@@ -413,7 +414,9 @@ def test_isas_give_the_same_bits(ext, monkeypatch, name):
         monkeypatch.setenv("ROBE_CPU_ISA", isa)
         a, s = c.array.clone(), _state(c, "rowwise_adagrad")
         cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.05, 1e-8))
-        results[isa] = (cpu.pooled_forward(c.array, c.batch()), cpu.pooled_backward_dense(go, c.batch()), a, s)
+        forward_bf16 = cpu.pooled_forward(c.array.to(torch.bfloat16), c.batch())
+        results[isa] = (cpu.pooled_forward(c.array, c.batch()), cpu.pooled_backward_dense(go, c.batch()), a, s,
+                        forward_bf16)
     for x, y in zip(results["base"], results["avx2"]):
         assert torch.equal(x, y)
     torch.testing.assert_close(results["avx2"][0], ref.pooled_forward(c.array, c.batch()), **TOL)
@@ -453,3 +456,26 @@ def test_many_sample_tiles_match_reference(ext, monkeypatch, isa):
     torch.testing.assert_close(out, ref.pooled_forward(c.array, c.batch()), **TOL)
     torch.testing.assert_close(a, a_ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(s, s_ref, rtol=2e-5, atol=2e-5)
+
+
+def test_many_owners_match_one_thread(ext, monkeypatch):
+    """Above 16 owners the chunk map's backward finds a chunk's owner by binary search instead of
+    counting cuts: 20 threads (oversubscribed here: correctness, not speed) give the 1-thread bits."""
+    monkeypatch.setenv("ROBE_CPU_BACKWARD", "map")
+    c = make_case(4, 4096, 16, 4, 20011, max_len=8, weighted=True, seed=81)  # ~300k records: 20 owners
+    go = c.grad_out(14)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 20):
+            torch.set_num_threads(n)
+            a, s = c.array.clone(), _state(c, "rowwise_adagrad")
+            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.1, 1e-8))
+            results.append((a, s))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    a_ref, s_ref = c.array.clone(), _state(c, "rowwise_adagrad")
+    ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs("rowwise_adagrad", s_ref, 0.1, 1e-8))
+    torch.testing.assert_close(results[0][0], a_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(results[0][1], s_ref, rtol=2e-5, atol=2e-5)

@@ -248,6 +248,24 @@ void BlockHasher::hash(const int64_t* ids, int64_t n, uint32_t h0, uint32_t h1, 
   for (; i < n; ++i) out[i] = block_start(h0, h1, ids[i], mod_m);
 }
 
+#if ROBE_HAVE_AVX2_PATH
+// acc[0, n) += src[0, n) for n a multiple of 8: the forward's unweighted float32 block add, eight
+// floats per instruction (the generic build's loop uses four). Same per-element sums and order.
+ROBE_AVX2 void add_floats_avx2(float* acc, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; k += 8)
+    _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), _mm256_loadu_ps(src + k)));
+}
+
+// The same for a bfloat16 array: a bf16 value is the high half of its float32 (an exact upcast).
+ROBE_AVX2 void add_bf16_avx2(float* acc, const uint16_t* src, int64_t n) {
+  for (int64_t k = 0; k < n; k += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), x));
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Input validation, shared by all entry points.
 // ---------------------------------------------------------------------------------------------
@@ -393,10 +411,12 @@ class StartTile {
   std::vector<int64_t> s_, base_, n_, i0_;
 };
 
-// Samples per tile: about 2048 block starts (16 KiB, L1-resident) per tile, 1 to 64 samples.
+// Samples per tile: at least 32 (multi-hot features with a few ids per sample must still give
+// runs of eight and more ids to the AVX2 hash), at most 64, and at most 64k block starts (512 KiB).
 int64_t tile_samples(const Problem& p) {
   const int64_t per_sample = std::max<int64_t>(1, p.nnz * p.num_blocks / std::max<int64_t>(1, p.B));
-  return std::max<int64_t>(1, std::min<int64_t>(64, 2048 / per_sample));
+  const int64_t t = std::max<int64_t>(2048 / per_sample, std::min<int64_t>(32, 65536 / per_sample));
+  return std::max<int64_t>(1, std::min<int64_t>(64, t));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,10 +471,12 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
   at::Tensor out = at::empty({p.B, p.F * p.D}, out_options.dtype(at::kFloat));
   float* O = out.data_ptr<float>();
   const HashPrefix hp = hash_prefix(p.keys.data_ptr<int64_t>(), p.F, p.num_blocks);
-  const BlockHasher hasher(static_cast<uint64_t>(p.m), use_avx2());
+  const bool avx2 = use_avx2();
+  const BlockHasher hasher(static_cast<uint64_t>(p.m), avx2);
   const int64_t F = p.F, B = p.B, D = p.D, Z = p.Z, nb = p.num_blocks, m = p.m;
   const int64_t T = tile_samples(p), tiles = (B + T - 1) / T;
   constexpr int64_t kPrefetchBags = 2;
+  const bool wide_adds = avx2 && Z % 8 == 0;  // AVX2 block adds (float32 / bf16, unweighted, no wrap)
 
   // Tiles of samples in the output's memory order (each thread writes contiguous stretches of the
   // output); a tile's block starts are hashed first (StartTile), then its bags are summed. Bags
@@ -510,6 +532,19 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
               for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
               for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
             } else {
+#if ROBE_HAVE_AVX2_PATH
+              if constexpr (std::is_same_v<Reader, FloatReader>) {
+                if (wide_adds && first == Z) {
+                  add_floats_avx2(dst, read.M + s, Z);
+                  continue;
+                }
+              } else if constexpr (std::is_same_v<Reader, HalfReader<at::BFloat16>>) {
+                if (wide_adds && first == Z) {
+                  add_bf16_avx2(dst, reinterpret_cast<const uint16_t*>(read.M + s), Z);
+                  continue;
+                }
+              }
+#endif
               for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
               for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
             }
@@ -1047,21 +1082,29 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
   std::vector<uint64_t> chunk_cut(tasks + 1);
   for (int64_t t = 0; t <= tasks; ++t)
     chunk_cut[t] = chunk_lo + static_cast<uint64_t>(even_bound(static_cast<int64_t>(chunk_hi - chunk_lo), tasks, t));
-  const auto owner_of = [&](uint64_t j) -> int64_t {
+  // The owner of chunk j (-1 outside the range). Hashed chunks are random, so a search loop's
+  // branches would mispredict about once per record: count the cuts at or below j instead
+  // (compare-and-add, no branch on j) when there are few owners.
+  const uint64_t* cut = chunk_cut.data();
+  const auto owner_of = [&, cut](uint64_t j) -> int64_t {
     if (j < chunk_lo || j >= chunk_hi) return -1;
-    int64_t t = 0;
-    while (j >= chunk_cut[t + 1]) ++t;
-    return t;
+    if (tasks <= 16) {
+      int64_t t = 0;
+      for (int64_t k = 1; k < tasks; ++k) t += static_cast<int64_t>(j >= cut[k]);
+      return t;
+    }
+    return static_cast<int64_t>(std::upper_bound(cut + 1, cut + tasks, j) - (cut + 1));
   };
   std::vector<Buffer<OwnedRecord>>& lists = ws.owned;
   if (static_cast<int64_t>(lists.size()) < tasks * tasks) lists.resize(tasks * tasks);
   ws.owned_count.assign(tasks * tasks, 0);
   const auto mark = [map](uint64_t j) {
-    if (__atomic_load_n(map + j, __ATOMIC_RELAXED) == 0) __atomic_store_n(map + j, 1u, __ATOMIC_RELAXED);
+    __atomic_store_n(map + j, 1u, __ATOMIC_RELAXED);
   };
 
   // Step 1, a tile of samples at a time: the tile's starts are hashed first (StartTile), then its
-  // records are listed in record order.
+  // records are listed in record order. Marks are relaxed stores of 1 (every writer stores the
+  // same value; a load-then-store mispredicts on sparsely touched arrays).
 #pragma omp parallel for schedule(static, 1) num_threads(thread_count())
   for (int64_t pt = 0; pt < tasks; ++pt) {
     // Each list gets room for all of this producer's records (a record enters a list at most

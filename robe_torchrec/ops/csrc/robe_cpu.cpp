@@ -158,7 +158,8 @@ bool use_avx2() {
   return supported;
 #else
   const char* env = std::getenv("ROBE_CPU_ISA");
-  TORCH_CHECK(env == nullptr || std::strcmp(env, "avx2") != 0, "robe cpu kernel: ROBE_CPU_ISA=avx2 needs an x86-64 build");
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "avx2") != 0,
+              "robe cpu kernel: ROBE_CPU_ISA=avx2 needs an x86-64 build");
   return false;
 #endif
 }
@@ -216,8 +217,9 @@ ROBE_AVX2 void hash_ids_avx2(const int64_t* ids, int64_t n, uint32_t h0, uint32_
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     // ids i..i+3 and i+4..i+7 as [lo x4 | hi x4] each, then all eight low words and high words.
-    const __m256i p0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i)), deinterleave);
-    const __m256i p1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i + 4)), deinterleave);
+    const __m256i* at = reinterpret_cast<const __m256i*>(ids + i);
+    const __m256i p0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(at), deinterleave);
+    const __m256i p1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(at + 1), deinterleave);
     const __m256i lo = _mm256_permute2x128_si256(p0, p1, 0x20);
     const __m256i hi = _mm256_permute2x128_si256(p0, p1, 0x31);
     const __m256i a = fmix32x8(_mm256_xor_si256(fmix32x8(_mm256_xor_si256(H0, lo)), hi));
@@ -494,65 +496,65 @@ at::Tensor pooled_forward_with(const Reader& read, const Problem& p, const at::T
       const int64_t b0 = t * T, b1 = std::min(B, b0 + T);
       tile.fill(p, hp, hasher, b0, b1);
       for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t f = 0; f < F; ++f) {
-        const int64_t bag = f * B + b;
-        if (!Ranged && f + kPrefetchBags < F) {  // (a row-wise shard reads local positions)
-          // The array is cache-resident but not L1: ask for the blocks of the bag kPrefetchBags
-          // on (its first and last element), whose starts the tile already holds.
-          const int64_t g = f + kPrefetchBags, ahead = g * B + b;
-          const int64_t* st = tile.row(g) - tile.first(g);
-          for (int64_t i = p.off[ahead]; i < p.off[ahead + 1]; ++i) {
-            for (int64_t c = 0; c < nb; ++c) {
-              const int64_t e = st[c * tile.stride(g) + i];
-              read.prefetch(e);
-              read.prefetch(std::min(e + Z - 1, m - 1));
-            }
-          }
-        }
-        std::fill(acc, acc + D, 0.0f);
-        const int64_t* starts = tile.row(f) - tile.first(f);
-        const int64_t stride = tile.stride(f);
-        for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
-          const float w = p.w ? p.w[i] : 1.0f;
-          for (int64_t c = 0; c < nb; ++c) {
-            const int64_t s = starts[c * stride + i];
-            float* dst = acc + c * Z;
-            // A block is Z contiguous elements, wrapping from the end of the array to its start.
-            const int64_t first = std::min(Z, m - s);
-            if constexpr (Ranged) {
-              // Only the block positions k whose element lies in [lo, hi): the head e = s + k
-              // (k < first) and the wrapped part e = k - first (k >= first), each one interval of
-              // k; `read` takes the local position e - lo.
-              const int64_t lo = range.lo, hi = range.hi;
-              const int64_t a0 = std::max<int64_t>(0, lo - s), a1 = std::min<int64_t>(first, hi - s);
-              const int64_t w0 = std::max<int64_t>(first, lo + first), w1 = std::min<int64_t>(Z, hi + first);
-              for (int64_t k = a0; k < a1; ++k) dst[k] += read(s + k - lo) * w;
-              for (int64_t k = w0; k < w1; ++k) dst[k] += read(k - first - lo) * w;
-            } else if (p.w) {
-              for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
-              for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
-            } else {
-#if ROBE_HAVE_AVX2_PATH
-              if constexpr (std::is_same_v<Reader, FloatReader>) {
-                if (wide_adds && first == Z) {
-                  add_floats_avx2(dst, read.M + s, Z);
-                  continue;
-                }
-              } else if constexpr (std::is_same_v<Reader, HalfReader<at::BFloat16>>) {
-                if (wide_adds && first == Z) {
-                  add_bf16_avx2(dst, reinterpret_cast<const uint16_t*>(read.M + s), Z);
-                  continue;
-                }
+        for (int64_t f = 0; f < F; ++f) {
+          const int64_t bag = f * B + b;
+          if (!Ranged && f + kPrefetchBags < F) {  // (a row-wise shard reads local positions)
+            // The array is cache-resident but not L1: ask for the blocks of the bag kPrefetchBags
+            // on (its first and last element), whose starts the tile already holds.
+            const int64_t g = f + kPrefetchBags, ahead = g * B + b;
+            const int64_t* st = tile.row(g) - tile.first(g);
+            for (int64_t i = p.off[ahead]; i < p.off[ahead + 1]; ++i) {
+              for (int64_t c = 0; c < nb; ++c) {
+                const int64_t e = st[c * tile.stride(g) + i];
+                read.prefetch(e);
+                read.prefetch(std::min(e + Z - 1, m - 1));
               }
-#endif
-              for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
-              for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
             }
           }
+          std::fill(acc, acc + D, 0.0f);
+          const int64_t* starts = tile.row(f) - tile.first(f);
+          const int64_t stride = tile.stride(f);
+          for (int64_t i = p.off[bag]; i < p.off[bag + 1]; ++i) {
+            const float w = p.w ? p.w[i] : 1.0f;
+            for (int64_t c = 0; c < nb; ++c) {
+              const int64_t s = starts[c * stride + i];
+              float* dst = acc + c * Z;
+              // A block is Z contiguous elements, wrapping from the end of the array to its start.
+              const int64_t first = std::min(Z, m - s);
+              if constexpr (Ranged) {
+                // Only the block positions k whose element lies in [lo, hi): the head e = s + k
+                // (k < first) and the wrapped part e = k - first (k >= first), each one interval of
+                // k; `read` takes the local position e - lo.
+                const int64_t lo = range.lo, hi = range.hi;
+                const int64_t a0 = std::max<int64_t>(0, lo - s), a1 = std::min<int64_t>(first, hi - s);
+                const int64_t w0 = std::max<int64_t>(first, lo + first), w1 = std::min<int64_t>(Z, hi + first);
+                for (int64_t k = a0; k < a1; ++k) dst[k] += read(s + k - lo) * w;
+                for (int64_t k = w0; k < w1; ++k) dst[k] += read(k - first - lo) * w;
+              } else if (p.w) {
+                for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k) * w;
+                for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first) * w;
+              } else {
+  #if ROBE_HAVE_AVX2_PATH
+                if constexpr (std::is_same_v<Reader, FloatReader>) {
+                  if (wide_adds && first == Z) {
+                    add_floats_avx2(dst, read.M + s, Z);
+                    continue;
+                  }
+                } else if constexpr (std::is_same_v<Reader, HalfReader<at::BFloat16>>) {
+                  if (wide_adds && first == Z) {
+                    add_bf16_avx2(dst, reinterpret_cast<const uint16_t*>(read.M + s), Z);
+                    continue;
+                  }
+                }
+  #endif
+                for (int64_t k = 0; k < first; ++k) dst[k] += read(s + k);
+                for (int64_t k = first; k < Z; ++k) dst[k] += read(k - first);
+              }
+            }
+          }
+          // Reference layout: feature f owns columns [f*D, (f+1)*D) of row b.
+          write_row(O + b * (F * D) + f * D, acc, D, bag_scale(p, f, bag));
         }
-        // Reference layout: feature f owns columns [f*D, (f+1)*D) of row b.
-        write_row(O + b * (F * D) + f * D, acc, D, bag_scale(p, f, bag));
-      }
       }
     }
   }

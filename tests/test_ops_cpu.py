@@ -103,6 +103,8 @@ CASES = {
     "all_empty": (2, 4, 8, 4, 40, {"empty_frac": 1.0, "weighted": True}),
     "extreme_ids": (2, 6, 8, 4, 83, {"ids": "extreme", "weighted": True}),
     "larger": (4, 32, 16, 8, 5000, {"max_len": 8}),
+    # Every bag SUM and unweighted: the chunk map's 16-byte list records.
+    "sum_unweighted": (3, 40, 16, 8, 997, {"mean": "none", "max_len": 6}),
 }
 
 
@@ -323,7 +325,9 @@ def test_fused_bumps_version_counter(ext):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
-@pytest.mark.parametrize("name", ["wrap_m37", "d16_z4_m97", "m_eq_z", "weighted_mean", "extreme_ids", "larger"])
+@pytest.mark.parametrize(
+    "name", ["wrap_m37", "d16_z4_m97", "m_eq_z", "weighted_mean", "extreme_ids", "larger", "sum_unweighted"]
+)
 def test_chunk_map_and_records_paths_agree(ext, monkeypatch, name, optimizer):
     """ROBE_CPU_BACKWARD forces the sort-free chunk map or the radix-sorted records: both match the
     reference and each other bit for bit (every element sums its contributions in record order)."""

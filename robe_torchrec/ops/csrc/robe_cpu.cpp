@@ -731,15 +731,40 @@ class Buffer {
   size_t capacity_ = 0, size_ = 0;
 };
 
+// A record on the chunk map path's owner lists: 24 bytes in general, 16 when every bag is a SUM
+// bag without weights (scale = w = 1: DLRM's usual case), since list traffic is most of the
+// listing phase on multi-hot batches (1.8M records at shape (b): 42 MB written, then read).
 struct OwnedRecord {
   int64_t start;  // block start
   int64_t grad;   // offset of the block's gradient in grad_out
   float scale;    // MEAN scale of its bag
   float w;        // its per-sample weight (1 when unweighted)
 };
+struct PlainRecord {
+  int64_t start;
+  int64_t grad;
+};
+template <bool Plain>
+using ListRecord = std::conditional_t<Plain, PlainRecord, OwnedRecord>;
+template <bool Plain>
+inline ListRecord<Plain> list_record(int64_t start, int64_t grad, float scale, float w) {
+  if constexpr (Plain) {
+    return PlainRecord{start, grad};
+  } else {
+    return OwnedRecord{start, grad, scale, w};
+  }
+}
+template <bool Plain>
+inline float record_scale(const ListRecord<Plain>& r) {
+  if constexpr (Plain) return 1.0f; else return r.scale;
+}
+template <bool Plain>
+inline float record_weight(const ListRecord<Plain>& r) {
+  if constexpr (Plain) return 1.0f; else return r.w;
+}
 
 // Scratch of one backward call: the compact gradient, plus about 48 bytes per record on the records
-// path, 24 on the chunk map path.
+// path, 16 or 24 on the chunk map path.
 struct Workspace {
   Buffer<int64_t> start;        // [R] block start of each record
   Buffer<KeyedRecord> sorted;   // [R] (key, record), sorted by key after the radix sort
@@ -749,6 +774,7 @@ struct Workspace {
   Buffer<float> grad;           // [U * Z] compact gradient of the touched chunks
   Buffer<uint32_t> slot_of_chunk;  // [ceil(m / Z)] chunk map path: 1 if touched, then its slot
   std::vector<Buffer<OwnedRecord>> owned;  // chunk map path: [producer * owners + owner] lists
+  std::vector<Buffer<PlainRecord>> owned_plain;  // the same, 16-byte records (SUM bags, no weights)
   std::vector<int64_t> owned_count;        // [producer * owners + owner]: records in each list
   std::vector<uint64_t> chunk_of_slot;  // [U] touched chunks, increasing
   bool any_wrap = false;                // some block runs past m: chunk 0 is touched
@@ -1060,7 +1086,8 @@ void records_backward(const Problem& p, const float* G, ElementRange range, cons
 //      order), computes each record's start, marks the chunks its block touches (first chunk,
 //      the tail's chunk + 1, chunk 0 on a wrap) in a ceil(m / Z) map (relaxed stores of 1: every
 //      writer stores the same value), and appends the record to list (p, owner) of each owner
-//      of a chunk it touches (24 bytes: start, gradient offset, scale, weight);
+//      of a chunk it touches (start, gradient offset, scale, weight: 24 bytes; 16 without the
+//      last two when every bag is an unweighted SUM bag);
 //   2. one serial pass over the map numbers the touched chunks in increasing order (the compact
 //      slots; chunk 0, when touched, is slot 0);
 //   3. owner t zeroes its compact rows, reads lists (0, t), (1, t), ... in that order (so in
@@ -1069,7 +1096,7 @@ void records_backward(const Problem& p, const float* G, ElementRange range, cons
 // No sort, no atomics on the gradient, and no thread scans records it does not own. Extra
 // memory: 4 bytes per chunk, about 24 per record and the compact gradient.
 
-template <typename Consume>
+template <bool Plain, typename Consume>
 void touched_map_backward(const Problem& p, const float* G, ElementRange range, const FastDivMod& div_z,
                           Workspace& ws, PhaseClock& clock, Consume&& consume) {
   const uint64_t Z = p.Z, m = p.m;
@@ -1099,7 +1126,10 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
     }
     return static_cast<int64_t>(std::upper_bound(cut + 1, cut + tasks, j) - (cut + 1));
   };
-  std::vector<Buffer<OwnedRecord>>& lists = ws.owned;
+  using Record = ListRecord<Plain>;
+  std::vector<Buffer<Record>>& lists = [&]() -> std::vector<Buffer<Record>>& {
+    if constexpr (Plain) return ws.owned_plain; else return ws.owned;
+  }();
   if (static_cast<int64_t>(lists.size()) < tasks * tasks) lists.resize(tasks * tasks);
   ws.owned_count.assign(tasks * tasks, 0);
   const auto mark = [map](uint64_t j) {
@@ -1116,10 +1146,10 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
     const int64_t b_begin = even_bound(B, tasks, pt), b_end = even_bound(B, tasks, pt + 1);
     int64_t produced = 0;
     for (int64_t f = 0; f < F; ++f) produced += (p.off[f * B + b_end] - p.off[f * B + b_begin]) * nb;
-    std::vector<OwnedRecord*> out(tasks);
+    std::vector<Record*> out(tasks);
     std::vector<int64_t> count(tasks, 0);
     for (int64_t t = 0; t < tasks; ++t) out[t] = lists[pt * tasks + t].resize(produced);
-    const auto append = [&](int64_t owner, const OwnedRecord& rec) { out[owner][count[owner]++] = rec; };
+    const auto append = [&](int64_t owner, const Record& rec) { out[owner][count[owner]++] = rec; };
     StartTile tile;
     for (int64_t b0 = b_begin; b0 < b_end; b0 += T) {
       const int64_t b1 = std::min(b_end, b0 + T);
@@ -1135,7 +1165,7 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
             const float w = p.w ? p.w[i] : 1.0f;
             for (int64_t c = 0; c < nb; ++c) {
               const uint64_t s = static_cast<uint64_t>(starts[c * stride + i]);
-              const OwnedRecord rec{static_cast<int64_t>(s), g_bag + c * p.Z, scale, w};
+              const Record rec = list_record<Plain>(static_cast<int64_t>(s), g_bag + c * p.Z, scale, w);
               uint64_t j, at;
               div_z.divmod(s, j, at);
               mark(j);
@@ -1186,7 +1216,7 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
     if (lo >= hi) continue;
     std::fill(grad_c + lo * Z, grad_c + hi * Z, 0.0f);  // the owner zeroes its rows (first touch)
     for (int64_t pt = 0; pt < tasks; ++pt) {
-      const OwnedRecord* list = lists[pt * tasks + t].data();
+      const Record* list = lists[pt * tasks + t].data();
       const size_t n = static_cast<size_t>(ws.owned_count[pt * tasks + t]);
       for (size_t k = 0; k < n; ++k) {
         if (k + kAhead < n) {  // a hint: the destination row of the record kAhead places on
@@ -1204,12 +1234,12 @@ void touched_map_backward(const Problem& p, const float* G, ElementRange range, 
           __builtin_prefetch(src);
           __builtin_prefetch(src + Z - 1);
         }
-        const OwnedRecord& rec = list[k];
+        const Record& rec = list[k];
         const uint64_t s = static_cast<uint64_t>(rec.start);
         uint64_t j, at;
         div_z.divmod(s, j, at);
         const float* g = G + rec.grad;
-        const float scale = rec.scale, w = rec.w;
+        const float scale = record_scale<Plain>(rec), w = record_weight<Plain>(rec);
         // The usual case: no wrap, and the block's chunks (j, and j + 1 when unaligned) are both
         // this owner's. Touched chunks j and j + 1 have consecutive slots, so the block is Z
         // contiguous floats of the compact gradient: one fixed-length add, no pieces.
@@ -1279,7 +1309,13 @@ void for_each_touched_chunk(const Problem& p, const at::Tensor& grad_out_in, Ele
   WorkspaceLease lease;
   Workspace& ws = *lease;
   if (use_touched_map(num_chunks, p.nnz * p.num_blocks)) {
-    touched_map_backward(p, G, range, div_z, ws, clock, consume);
+    bool plain = p.w == nullptr;  // every bag SUM and unweighted: 16-byte list records
+    for (int64_t f = 0; f < p.F; ++f) plain = plain && !p.mean_p[f];
+    if (plain) {
+      touched_map_backward<true>(p, G, range, div_z, ws, clock, consume);
+    } else {
+      touched_map_backward<false>(p, G, range, div_z, ws, clock, consume);
+    }
   } else {
     records_backward(p, G, range, div_z, ws, clock, consume);
   }

@@ -1390,6 +1390,46 @@ struct ArrayIO {
   }
 };
 
+// Rounds n float32 values to bfloat16 to nearest even: c10's round_to_nearest_even, bit for bit,
+// with its NaN test as a select rather than a branch, so that the loop vectorises.
+inline void round_row_nearest(at::BFloat16* out, const float* v, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    uint32_t u;
+    std::memcpy(&u, v + e, sizeof(u));
+    const uint16_t even = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    out[e].x = v[e] != v[e] ? uint16_t(0x7FC0) : even;
+  }
+}
+inline void round_row_nearest(at::Half* out, const float* v, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = at::Half(v[e]);
+}
+
+// Replaces local elements [x, x + len) by step(e, value) (e the position in the run), computed in
+// float32. A float32 array is stepped in place; a 16-bit one through a float32 row, 64 elements
+// at a time: upcast, step, round back, three simple loops the compiler vectorises, instead of one
+// loop with a conversion and a rounding per element (measured: 1.1 ms more than float32 per
+// row-wise step at shape (c), whose every chunk is touched). step is called once per element, in
+// order, so it may update optimizer state.
+template <typename T, typename Step>
+inline void step_elements(const ArrayIO<T>& io, int64_t x, int64_t len, Step&& step) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t e = 0; e < len; ++e) io.M[x + e] = step(e, io.M[x + e]);
+  } else {
+    constexpr int64_t kRow = 64;
+    float row[kRow];
+    for (int64_t base = 0; base < len; base += kRow) {
+      const int64_t n = std::min(kRow, len - base);
+      for (int64_t e = 0; e < n; ++e) row[e] = static_cast<float>(io.M[x + base + e]);
+      for (int64_t e = 0; e < n; ++e) row[e] = step(base + e, row[e]);
+      if (io.seed < 0) {
+        round_row_nearest(io.M + x + base, row, n);
+      } else {
+        for (int64_t e = 0; e < n; ++e) io.store(x + base + e, row[e]);
+      }
+    }
+  }
+}
+
 // One optimizer step on the touched chunks of the shard [lo, hi) (the whole array when lo = 0,
 // hi = m): the array and the state hold only its elements / chunks, so global element e is local
 // e - lo and global chunk q is local q - lo / Z. S: the float32 state (unused for sgd).
@@ -1400,16 +1440,16 @@ void fused_step(const Problem& p, const at::Tensor& grad_out, ElementRange range
   if (optimizer == "sgd") {
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
       const int64_t x = first - lo;
-      for (int64_t e = 0; e < len; ++e) io.store(x + e, io.load(x + e) - lrf * g[e]);
+      step_elements(io, x, len, [&](int64_t e, float v) { return v - lrf * g[e]; });
     });
   } else if (optimizer == "adagrad") {
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t, int64_t first, int64_t len, const float* g) {
       const int64_t x = first - lo;
       float* s = S + x;
-      for (int64_t e = 0; e < len; ++e) {
+      step_elements(io, x, len, [&](int64_t e, float v) {
         s[e] += g[e] * g[e];
-        io.store(x + e, io.load(x + e) - (lrf * g[e]) / (std::sqrt(s[e]) + epsf));
-      }
+        return v - (lrf * g[e]) / (std::sqrt(s[e]) + epsf);
+      });
     });
   } else {  // rowwise_adagrad (the caller checked the name)
     for_each_touched_chunk(p, grad_out, range, [&](uint64_t chunk, int64_t first, int64_t len, const float* g) {
@@ -1420,7 +1460,7 @@ void fused_step(const Problem& p, const at::Tensor& grad_out, ElementRange range
       S[q] += sum_sq / static_cast<float>(len);
       const float denom = std::sqrt(S[q]) + epsf;
       const int64_t x = first - lo;
-      for (int64_t e = 0; e < len; ++e) io.store(x + e, io.load(x + e) - (lrf * g[e]) / denom);
+      step_elements(io, x, len, [&](int64_t e, float v) { return v - (lrf * g[e]) / denom; });
     });
   }
 }

@@ -133,8 +133,23 @@ def test_cpp_hash_golden(ext, seed, name, idx, block, m, expected):
     assert out[0, block].item() == expected
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 37, 2**20, 1_000_003, 2**31 + 11, 2**40 + 7, 2**48 - 1, 2**48])
-def test_cpp_hash_matches_torch(ext, m):
+def _has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+ISAS = ["base", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "m",
+    [1, 2, 7, 32, 37, 2**20, 1_000_003, 2**31 + 11, 2**32 + 1, 2**36 - 1, 2**36, 2**36 + 1, 2**40 + 7, 2**48 - 1, 2**48],
+)
+def test_cpp_hash_matches_torch(ext, monkeypatch, isa, m):
+    """Both instruction-set paths give the spec's bits (the torch hash). ROBE_CPU_ISA=avx2 hashes
+    eight ids at a time with an exact float64 reduction up to m = 2**36 (tested on both sides of
+    it); 3009 ids, so the AVX2 loop's scalar tail is hashed too."""
+    monkeypatch.setenv("ROBE_CPU_ISA", isa)
     g = torch.Generator().manual_seed(m % 9973)
     ids = torch.cat(
         [torch.tensor(EXTREME_IDS, dtype=torch.int64), torch.randint(-(2**63), 2**63 - 1, (3000,), generator=g)]
@@ -376,31 +391,6 @@ def test_unknown_backward_mode_is_refused(ext, monkeypatch):
 
 
 # ---------------------------------------------------- instruction sets: generic build vs AVX2
-
-
-def _has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-ISAS = ["base", pytest.param("avx2", marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2"))]
-
-
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(
-    "m", [1, 2, 7, 32, 37, 2**20, 1_000_003, 2**31 + 11, 2**32 + 1, 2**36 - 1, 2**36, 2**36 + 1, 2**48]
-)
-def test_cpp_hash_each_isa_matches_torch(ext, monkeypatch, isa, m):
-    """ROBE_CPU_ISA=avx2 hashes eight ids at a time with an exact float64 reduction (m <= 2**36);
-    both paths, on both sides of that bound, give the spec's bits (the torch hash). 3001 ids: the
-    AVX2 loop's scalar tail is hashed too."""
-    monkeypatch.setenv("ROBE_CPU_ISA", isa)
-    g = torch.Generator().manual_seed(m % 7919)
-    ids = torch.cat(
-        [torch.tensor(EXTREME_IDS, dtype=torch.int64), torch.randint(-(2**63), 2**63 - 1, (2992,), generator=g)]
-    )
-    k0, k1 = table_key(5, "isa_check")
-    expected = block_offsets(ids, torch.tensor([k0]), torch.tensor([k1]), 3, m)
-    assert torch.equal(ext.block_offsets(ids, k0, k1, 3, m), expected)
 
 
 @pytest.mark.parametrize("name", ["basic", "wrap_m37", "d16_z4_m97", "weighted_mean", "extreme_ids", "larger"])

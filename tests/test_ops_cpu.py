@@ -123,6 +123,21 @@ def _state(case: Case, optimizer: str, seed: int = 1) -> torch.Tensor:
     return torch.rand((case.m + case.Z - 1) // case.Z, generator=g)
 
 
+def _fused_at_threads(case: Case, go: torch.Tensor, optimizer: str, lr: float, threads_list) -> list:
+    """(array, state, forward) after one fused step of a fresh copy, at each thread count."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in threads_list:
+            torch.set_num_threads(n)
+            a, s = case.array.clone(), _state(case, optimizer)
+            cpu.pooled_backward_fused(go, a, case.batch(), OptimizerArgs(optimizer, s, lr, 1e-8))
+            results.append((a, s, cpu.pooled_forward(case.array, case.batch())))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 # ------------------------------------------------------------------------------------ the hash
 
 
@@ -368,18 +383,8 @@ def test_chunk_map_and_records_paths_agree(ext, monkeypatch, name, optimizer):
 def test_each_path_thread_count_independent(ext, monkeypatch, mode):
     monkeypatch.setenv("ROBE_CPU_BACKWARD", mode)
     c = make_case(4, 1024, 16, 4, 997, max_len=8, weighted=True, seed=52)
-    go = c.grad_out(12)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            a, s = c.array.clone(), _state(c, "rowwise_adagrad")
-            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.1, 1e-8))
-            results.append((a, s))
-    finally:
-        torch.set_num_threads(threads)
-    for a, s in results[1:]:
+    results = _fused_at_threads(c, c.grad_out(12), "rowwise_adagrad", 0.1, (1, 2, 3))
+    for a, s, _ in results[1:]:
         assert torch.equal(a, results[0][0]) and torch.equal(s, results[0][1])
 
 
@@ -425,28 +430,19 @@ def test_unknown_isa_is_refused(ext, monkeypatch):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_many_sample_tiles_match_reference(ext, monkeypatch, isa):
-    """The kernels hash a tile of samples (about 2048 block starts) before using its starts: a batch
-    of many tiles, on 1 and 3 threads, against the reference. Id 7 recurs in 30% of the lookups,
-    so its elements sum hundreds of contributions: the fused step is compared at float32
-    summation-order tolerance, and across thread counts bit for bit."""
+    """The kernels hash a tile of samples (about 1024 block starts, at least 16 samples) before
+    using its starts: a batch of many tiles, on 1 and 3 threads, against the reference. Id 7 recurs
+    in 30% of the lookups, so its elements sum hundreds of contributions: the fused step is compared
+    at float32 summation-order tolerance, and across thread counts bit for bit."""
     monkeypatch.setenv("ROBE_CPU_ISA", isa)
     c = make_case(3, 300, 16, 4, 4099, max_len=6, weighted=True, seed=71)
     go = c.grad_out(13)
     a_ref, s_ref = c.array.clone(), _state(c, "adagrad")
     ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs("adagrad", s_ref, 0.05, 1e-8))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            a, s = c.array.clone(), _state(c, "adagrad")
-            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("adagrad", s, 0.05, 1e-8))
-            results.append((cpu.pooled_forward(c.array, c.batch()), a, s))
-    finally:
-        torch.set_num_threads(threads)
+    results = _fused_at_threads(c, go, "adagrad", 0.05, (1, 3))
     for x, y in zip(results[0], results[1]):
         assert torch.equal(x, y)
-    out, a, s = results[0]
+    a, s, out = results[0]
     torch.testing.assert_close(out, ref.pooled_forward(c.array, c.batch()), **TOL)
     torch.testing.assert_close(a, a_ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(s, s_ref, rtol=2e-5, atol=2e-5)
@@ -458,16 +454,7 @@ def test_many_owners_match_one_thread(ext, monkeypatch):
     monkeypatch.setenv("ROBE_CPU_BACKWARD", "map")
     c = make_case(4, 4096, 16, 4, 20011, max_len=8, weighted=True, seed=81)  # ~300k records: 20 owners
     go = c.grad_out(14)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 20):
-            torch.set_num_threads(n)
-            a, s = c.array.clone(), _state(c, "rowwise_adagrad")
-            cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.1, 1e-8))
-            results.append((a, s))
-    finally:
-        torch.set_num_threads(threads)
+    results = _fused_at_threads(c, go, "rowwise_adagrad", 0.1, (1, 20))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     a_ref, s_ref = c.array.clone(), _state(c, "rowwise_adagrad")
     ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs("rowwise_adagrad", s_ref, 0.1, 1e-8))

@@ -138,6 +138,15 @@ def _fused_at_threads(case: Case, go: torch.Tensor, optimizer: str, lr: float, t
     return results
 
 
+def _under_each(monkeypatch, variable: str, values, run) -> dict:
+    """{value: run()} with the environment variable set to each value in turn."""
+    results = {}
+    for value in values:
+        monkeypatch.setenv(variable, value)
+        results[value] = run()
+    return results
+
+
 # ------------------------------------------------------------------------------------ the hash
 
 
@@ -364,12 +373,13 @@ def test_chunk_map_and_records_paths_agree(ext, monkeypatch, name, optimizer):
     F, B, D, Z, m, opts = CASES[name]
     c = make_case(F, B, D, Z, m, seed=sum(map(ord, name)) + 3, **opts)
     go = c.grad_out(11)
-    results = {}
-    for mode in ("map", "records"):
-        monkeypatch.setenv("ROBE_CPU_BACKWARD", mode)
+
+    def run():
         a, s = c.array.clone(), _state(c, optimizer)
         cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs(optimizer, s, 0.05, 1e-8))
-        results[mode] = (a, s, cpu.pooled_backward_dense(go, c.batch()))
+        return a, s, cpu.pooled_backward_dense(go, c.batch())
+
+    results = _under_each(monkeypatch, "ROBE_CPU_BACKWARD", ("map", "records"), run)
     a_ref, s_ref = c.array.clone(), _state(c, optimizer)
     ref.pooled_backward_fused(go, a_ref, c.batch(), OptimizerArgs(optimizer, s_ref, 0.05, 1e-8))
     for x, y in zip(results["map"], results["records"]):
@@ -408,14 +418,14 @@ def test_isas_give_the_same_bits(ext, monkeypatch, name):
     F, B, D, Z, m, opts = CASES[name]
     c = make_case(F, B, D, Z, m, seed=sum(map(ord, name)) + 9, **opts)
     go = c.grad_out(21)
-    results = {}
-    for isa in ("base", "avx2"):
-        monkeypatch.setenv("ROBE_CPU_ISA", isa)
+
+    def run():
         a, s = c.array.clone(), _state(c, "rowwise_adagrad")
         cpu.pooled_backward_fused(go, a, c.batch(), OptimizerArgs("rowwise_adagrad", s, 0.05, 1e-8))
         forward_bf16 = cpu.pooled_forward(c.array.to(torch.bfloat16), c.batch())
-        results[isa] = (cpu.pooled_forward(c.array, c.batch()), cpu.pooled_backward_dense(go, c.batch()), a, s,
-                        forward_bf16)
+        return cpu.pooled_forward(c.array, c.batch()), cpu.pooled_backward_dense(go, c.batch()), a, s, forward_bf16
+
+    results = _under_each(monkeypatch, "ROBE_CPU_ISA", ("base", "avx2"), run)
     for x, y in zip(results["base"], results["avx2"]):
         assert torch.equal(x, y)
     torch.testing.assert_close(results["avx2"][0], ref.pooled_forward(c.array, c.batch()), **TOL)
